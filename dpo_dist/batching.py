@@ -1,0 +1,112 @@
+"""Which pairs form each optimizer step and micro-batch, and how a micro-batch becomes tensors.
+
+The pairs of a global step depend only on the seed, the epoch and the global batch size — never on
+the number of processes or on how the step is split into micro-batches — so 1 process × accum 4 and
+2 processes × accum 2 train on the same pairs and reach the same weights. Every rank runs the same
+number of forward passes (ZeRO-3 gathers parameters collectively); where a rank has no pair left in
+a short last step it runs a zero-weight copy of one, which adds nothing to loss, gradients or metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpo_dist.data import Pair
+
+
+@dataclass
+class MicroBatch:
+    """Chosen rows first, then rejected rows, right-padded to the longest sequence of the batch.
+
+    input_ids, attention_mask, response_mask: [2B, L]; index, weight: [B].
+    `response_mask` marks response tokens (the ones whose log-probs count).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.index.numel()
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None) -> MicroBatch:
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    length = max(len(s.ids) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        n = len(seq.ids)
+        input_ids[row, :n] = torch.tensor(seq.ids)
+        attention_mask[row, :n] = 1
+        response_mask[row, seq.response_start : n] = True
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        index=torch.tensor([p.index for p in pairs], dtype=torch.long),
+        weight=torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32),
+    )
+
+
+def split_evenly(positions: list[int], parts: int) -> list[list[int]]:
+    """Contiguous split into `parts` lists whose sizes differ by at most one."""
+    base, extra = divmod(len(positions), parts)
+    out, start = [], 0
+    for p in range(parts):
+        size = base + (p < extra)
+        out.append(positions[start : start + size])
+        start += size
+    return out
+
+
+def rank_share(
+    positions: list[int], world_size: int, rank: int, num_micro: int
+) -> list[tuple[list[int], list[float]]]:
+    """This rank's `num_micro` micro-batches of a step: (positions, weights), never empty."""
+    parts = split_evenly(positions, world_size * num_micro)
+    share = []
+    for k in range(num_micro):
+        part = parts[k * world_size + rank]
+        share.append((part, [1.0] * len(part)) if part else ([positions[0]], [0.0]))
+    return share
+
+
+class StepPlan:
+    """The shuffled order of the training pairs, cut into global batches (optimizer steps).
+
+    The last, shorter batch of an epoch is kept; its loss is still the mean over its own pairs.
+    """
+
+    def __init__(self, num_pairs: int, global_batch: int, seed: int):
+        self.num_pairs = num_pairs
+        self.global_batch = global_batch
+        self.seed = seed
+        self.steps_per_epoch = -(-num_pairs // global_batch)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_pairs, generator=generator).tolist()
+
+    def step_positions(self, step: int) -> tuple[int, list[int]]:
+        """(epoch, positions into the pair list) of global step `step` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        return epoch, order[k * self.global_batch : (k + 1) * self.global_batch]
+
+
+def eval_batches(num_pairs: int, batch_size: int, world_size: int, rank: int):
+    """This rank's share of a sequential pass over all pairs (evaluation, reference pass)."""
+    positions = list(range(num_pairs))
+    chunk = batch_size * world_size
+    for start in range(0, num_pairs, chunk):
+        yield from rank_share(positions[start : start + chunk], world_size, rank, 1)

@@ -1,0 +1,86 @@
+"""Sharded training checkpoints that resume exactly, and the final Hugging Face export.
+
+A checkpoint is written by every rank into `checkpoints/.tmp-step-NNNNNN/` (accelerate's
+`save_state`: model/optimizer shards — DeepSpeed's `zero_pp_rank_*` files under ZeRO —, the LR
+schedule and every rank's RNG state), then renamed to `step-NNNNNN/`, and only then does
+`checkpoints/latest` (a one-line file) name it. A crash at any point leaves `latest` naming the
+previous complete checkpoint. The data position is the step count: the data order is a pure
+function of the seed and the step (see batching.StepPlan).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from dpo_dist.config import ModelConfig
+from dpo_dist.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+
+
+def _root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest(output_dir: Path) -> Path | None:
+    pointer = _root(output_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = _root(output_dir) / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest(output_dir)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume={resume}: not a complete dpo_dist checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save(accelerator, output_dir: Path, step: int, keep_last: int) -> Path:
+    root = _root(output_dir)
+    name = f"step-{step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's shards are on disk
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / "latest")
+        for old in sorted(root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig) -> None:
+    """Hugging Face folder: full weights (gathered from ZeRO-3 shards) or the LoRA adapter."""
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        if model_cfg.lora is not None and model_cfg.lora.save_merged:
+            merged = unwrapped.merge_and_unload()
+            merged.save_pretrained(path / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(path / "merged")
+    accelerator.wait_for_everyone()

@@ -1,0 +1,118 @@
+"""Command line: `dpo-dist {precompute,train,evaluate,demo}` (same as `python -m dpo_dist ...`).
+
+Parse -> build -> run -> close. A UserError (bad config, data or cache) prints one line and exits
+with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dpo_dist.errors import UserError
+
+COMMANDS = {
+    "precompute": "Reference pass: write the reference log-prob cache for the train and eval data, then exit.",
+    "train": "DPO training (reads the reference cache; builds it first when missing and ref_cache.auto).",
+    "evaluate": "Preference metrics of model.policy on data.eval (or data.train) against the reference; "
+    "prints JSON and writes OUTPUT_DIR/eval_metrics.json.",
+    "demo": "Tiny model + bundled arithmetic preferences: precompute -> train -> evaluate on the CPU.",
+}
+
+EPILOG = """\
+overrides: dotted key=value pairs after the options, applied on top of --config, e.g.
+  dpo-dist train --config cfg.yaml train.lr=1e-6 loss.beta=0.2 model.lora.r=8
+values are YAML (null, true, [a, b]). Unknown keys are errors.
+
+config keys (default: meaning):
+"""
+
+
+def _config_help() -> str:
+    from dpo_dist.config import describe_keys
+
+    return "\n".join(f"  {key} ({default}): {text}" for key, default, text in describe_keys() if text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-dist", description="Distributed DPO training with a cached reference pass.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG + _config_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", type=Path, help="YAML config file (see README 'Config reference').")
+        if name == "demo":
+            p.add_argument("--output_dir", default="runs/demo", help="Where the demo writes (default: runs/demo).")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. train.lr=1e-6.")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from dpo_dist.config import load_config
+
+    if args.command == "demo":
+        from dpo_dist.demo import run_demo
+
+        run_demo(args.output_dir, args.config, args.overrides)
+        return
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from dpo_dist.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        trainer.train()
+        trainer.close()
+    elif args.command == "precompute":
+        precompute_command(cfg)
+    elif args.command == "evaluate":
+        metrics = evaluate_command(cfg)
+        print(json.dumps(metrics, indent=2))
+
+
+def precompute_command(cfg) -> None:
+    from dpo_dist import distributed, models, ref_cache
+    from dpo_dist.config import save_config
+    from dpo_dist.trainer import load_splits
+
+    acc = distributed.build_accelerator(cfg)
+    if acc.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    tokenizer = models.load_tokenizer(cfg.model)
+    splits = load_splits(cfg, tokenizer, acc)
+    built = ref_cache.precompute(cfg, acc, splits, tokenizer)
+    acc.print(f"reference cache {'written to' if built else 'already complete at'} {cfg.ref_cache_dir}")
+    acc.end_training()
+
+
+def evaluate_command(cfg) -> dict:
+    """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
+    from dpo_dist import distributed, models
+    from dpo_dist.config import save_config
+    from dpo_dist.ref_cache import prepare_reference
+    from dpo_dist.trainer import evaluate_policy, load_splits
+
+    acc = distributed.build_accelerator(cfg)
+    if acc.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    tokenizer = models.load_tokenizer(cfg.model)
+    # The same splits as `train`, so the training run's cache (same fingerprint) serves here too.
+    splits = load_splits(cfg, tokenizer, acc)
+    name = "eval" if "eval" in splits else "train"
+    ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
+    policy = acc.prepare_model(models.load_causal_lm(Path(cfg.model.policy), cfg.model), evaluation_mode=True)
+    metrics = evaluate_policy(policy, splits[name], ref, cfg, acc, tokenizer.pad_token_id)
+    if acc.is_main_process:
+        (Path(cfg.output_dir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+    acc.end_training()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"dpo-dist {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)

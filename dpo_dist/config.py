@@ -1,0 +1,314 @@
+"""Typed run configuration: one dataclass tree holds every key, its default and its help once.
+
+A run's config is a YAML file plus dotted command-line overrides (`train.lr=1e-6`). Unknown keys
+and values of the wrong type are errors that name the key (and suggest the closest one), so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_dist.errors import UserError
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _field(16, "LoRA rank.")
+    alpha: int = _field(32, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _field(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = _field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters."
+    )
+    save_merged: bool = _field(False, "Also write the merged full model to OUTPUT_DIR/final/merged.")
+
+
+@dataclass
+class ModelConfig:
+    policy: str = _field("", "Hugging Face model folder the policy starts from.")
+    reference: str | None = _field(
+        None, "Reference (SFT) model folder; null = the policy's starting weights."
+    )
+    lora: LoraConfig | None = _field(None, "LoRA settings; null trains all weights.")
+    dtype: str = _field("float32", "Weights dtype: float32, bfloat16 or float16. Log-probs are summed in float32.")
+    attn_implementation: str = _field("sdpa", "transformers attention kernel (sdpa, eager, flash_attention_2).")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] = _field("", "Training pairs: a .jsonl/.json/.parquet file, a glob, or a list.")
+    eval: str | list[str] | None = _field(None, "Held-out pairs, same forms as `train`; null = no eval.")
+    max_length: int = _field(1024, "Longest prompt+response sequence in tokens.")
+    truncation: str = _field(
+        "keep_end",
+        "Over-long sequences: keep_end (cut the prompt's start), keep_start (cut the response's end) or drop.",
+    )
+
+
+@dataclass
+class LossConfig:
+    type: str = _field("sigmoid", "sigmoid (DPO), robust, ipo or hinge.")
+    beta: float = _field(0.1, "Strength of the KL penalty towards the reference (IPO's tau).")
+    label_smoothing: float = _field(0.0, "Assumed share of flipped labels (cDPO for sigmoid, robust DPO).")
+    rpo_alpha: float | None = _field(None, "Weight of an added NLL loss on the chosen response (RPO); null = off.")
+    reference_free: bool = _field(False, "Ignore the reference (its log-probs are taken as 0).")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _field(4, "Pairs per forward pass per process.")
+    grad_accum: int = _field(1, "Micro-batches per optimizer step.")
+    lr: float = _field(5.0e-7, "Peak learning rate.")
+    max_steps: int = _field(-1, "Optimizer steps; -1 = run `epochs` epochs.")
+    epochs: int = _field(1, "Passes over the training pairs (used when max_steps is -1).")
+    warmup_ratio: float = _field(0.1, "Share of the steps with linear warm-up.")
+    scheduler: str = _field("cosine", "Decay after warm-up: cosine, linear or constant.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = _field([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 = off.")
+    seed: int = _field(42, "Seed of the data order, dropout and LoRA init.")
+    save_every: int = _field(500, "Checkpoint every N optimizer steps; 0 = only at the end.")
+    keep_last: int = _field(2, "Checkpoints kept on disk.")
+    eval_every: int = _field(500, "Evaluate every N optimizer steps (and at the end); 0 = only at the end.")
+    eval_batch_size: int = _field(8, "Pairs per forward pass in evaluation and the reference pass.")
+    log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
+
+
+@dataclass
+class RefCacheConfig:
+    dir: str | None = _field(None, "Reference log-prob cache folder; null = OUTPUT_DIR/ref_cache.")
+    auto: bool = _field(True, "`train`/`evaluate` run the reference pass when the cache is missing.")
+    overwrite: bool = _field(False, "Rebuild the cache even if one exists (also a stale one).")
+    shard_size: int = _field(2048, "Pairs per cache shard: the unit of work per rank and of resuming.")
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed: str | None = _field(
+        None, "DeepSpeed JSON (see ds_configs/) when not set by `accelerate launch --config_file`; null = none."
+    )
+    timeout_minutes: int = _field(30, "Collective-operation timeout.")
+
+
+@dataclass
+class Config:
+    output_dir: str = _field("runs/exp1", "Where config.yaml, metrics, checkpoints and final/ go.")
+    model: ModelConfig = _field(ModelConfig(), "")
+    data: DataConfig = _field(DataConfig(), "")
+    loss: LossConfig = _field(LossConfig(), "")
+    train: TrainConfig = _field(TrainConfig(), "")
+    ref_cache: RefCacheConfig = _field(RefCacheConfig(), "")
+    distributed: DistributedConfig = _field(DistributedConfig(), "")
+    resume: str | None = _field("auto", "auto = continue from checkpoints/latest if present; null; or a path.")
+
+    @property
+    def ref_cache_dir(self) -> Path:
+        return Path(self.ref_cache.dir) if self.ref_cache.dir else Path(self.output_dir) / "ref_cache"
+
+    def validate(self) -> None:
+        """Checks across keys that types alone cannot express."""
+        choices = {
+            "loss.type": (self.loss.type, ("sigmoid", "robust", "ipo", "hinge")),
+            "data.truncation": (self.data.truncation, ("keep_end", "keep_start", "drop")),
+            "train.scheduler": (self.train.scheduler, ("cosine", "linear", "constant")),
+            "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"config: {key}={value!r} is not one of {', '.join(allowed)}")
+        positive = {
+            "train.micro_batch_size": self.train.micro_batch_size,
+            "train.grad_accum": self.train.grad_accum,
+            "train.eval_batch_size": self.train.eval_batch_size,
+            "train.log_every": self.train.log_every,
+            "train.keep_last": self.train.keep_last,
+            "ref_cache.shard_size": self.ref_cache.shard_size,
+            "data.max_length": self.data.max_length,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise UserError(f"config: {key} must be >= 1, got {value}")
+        if self.loss.beta <= 0:
+            raise UserError(f"config: loss.beta must be > 0, got {self.loss.beta}")
+        if not 0 <= self.loss.label_smoothing < 0.5:
+            raise UserError(f"config: loss.label_smoothing must be in [0, 0.5), got {self.loss.label_smoothing}")
+        if self.loss.label_smoothing and self.loss.type not in ("sigmoid", "robust"):
+            raise UserError(f"config: loss.label_smoothing applies to sigmoid and robust, not {self.loss.type}")
+        if not 0 <= self.train.warmup_ratio < 1:
+            raise UserError(f"config: train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
+        if len(self.train.adam_betas) != 2:
+            raise UserError("config: train.adam_betas takes two numbers, e.g. [0.9, 0.999]")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Returns `value` as type `tp`, or raises a UserError naming `key`."""
+    options = _union_args(tp)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"config: {key} may not be null")
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _coerce_one(value, option, key)
+        except UserError as err:
+            errors.append(err)
+    raise errors[-1] if len(errors) == 1 else UserError(
+        f"config: {key}={value!r} has the wrong type (expected {_type_name(tp)})"
+    )
+
+
+def _coerce_one(value: Any, tp: Any, key: str) -> Any:
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config: {key} must be a mapping of keys, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list, got {value!r}")
+        return [_coerce_one(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config: {key}={value!r} has the wrong type (expected {_type_name(tp)})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise UserError(f"config: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp = hints[f.name]
+        # An empty mapping for an optional section (`lora: {}`) means "on, with defaults".
+        kwargs[f.name] = _coerce(values[f.name], tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise UserError(f"override '{text}': value is not valid YAML ({err.problem})") from None
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):  # absent or null section: overriding a sub-key turns it on
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads `path` (YAML; optional), applies `key.sub=value` overrides, validates, returns the tree."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of keys")
+        tree = loaded or {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_dotted(tree, keys, value)
+    config = _build(Config, tree)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf key: the source of `--help` and the README table."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        nested = [t for t in _union_args(tp) if _is_dataclass_type(t)]
+        if nested:
+            if f.metadata.get("help"):
+                rows.append((f"{prefix}{f.name}", "null", f.metadata["help"]))
+            rows.extend(describe_keys(nested[0], f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
+        rows.append((f"{prefix}{f.name}", shown, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix (bad config, bad data, stale cache).
+
+The CLI prints its message on one line and exits with code 2, without a traceback; every other
+exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input: the message says what, where, and how to fix it."""

@@ -1,0 +1,298 @@
+"""The reference pass and its on-disk cache of per-pair reference log-probs.
+
+The reference model scores every train and eval pair once; training then reads these numbers and
+never holds the reference in memory. Layout of `ref_cache.dir`:
+
+  manifest.json                 format_version, fingerprint (+ its parts), num_examples, shards, complete
+  {split}-{k:05d}.safetensors   pairs [k·S, (k+1)·S) of the split: index (int64), chosen_logps,
+                                rejected_logps (float32), chosen_tokens, rejected_tokens (int64)
+
+Shards cover fixed ranges of the data and ranks take them round-robin, so the files do not depend
+on the number of processes, and a killed pass resumes by computing only the missing shards (each is
+written to a temp name, then renamed). The manifest is marked complete last, after every rank.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dpo_dist import models
+from dpo_dist.batching import collate, eval_batches
+from dpo_dist.config import Config
+from dpo_dist.data import PreferenceData
+from dpo_dist.errors import UserError
+from dpo_dist.logprobs import sequence_logps
+
+FORMAT_VERSION = 1
+TENSOR_KEYS = ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class RefLogps:
+    """Reference log-probs of one split, looked up by pair index."""
+
+    chosen: torch.Tensor  # [max index + 1] float32, NaN where no pair has that index
+    rejected: torch.Tensor
+
+    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.to(self.chosen.device)
+        return self.chosen[index], self.rejected[index]
+
+    def to(self, device: torch.device | str) -> RefLogps:
+        return RefLogps(self.chosen.to(device), self.rejected.to(device))
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Hash of what decides the token ids (vocabulary, merges, special tokens, chat template), not
+    of file bytes, so the same tokenizer re-saved elsewhere (e.g. in final/) still matches."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = {
+        "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": tokenizer.chat_template,
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer) -> dict[str, str]:
+    """What the cached numbers depend on, part by part, so a mismatch can say which part changed."""
+    ref_dir = models.reference_path(cfg.model)
+    weights = sorted(p for p in ref_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    if not weights:
+        raise UserError(f"reference model folder {ref_dir} holds no weight files")
+    parts = {
+        "reference weights": _digest(weights),
+        "reference config": _digest([ref_dir / "config.json"]),
+        "tokenizer": tokenizer_digest(tokenizer),
+    }
+    for name, data in splits.items():
+        parts[f"{name} data files"] = _digest(data.files)
+    settings = {
+        "max_length": cfg.data.max_length,
+        "truncation": cfg.data.truncation,
+        "dtype": cfg.model.dtype,
+        "forms": {name: data.form for name, data in splits.items()},
+        "shard_size": cfg.ref_cache.shard_size,
+    }
+    parts["preprocessing settings"] = json.dumps(settings, sort_keys=True)
+    return parts
+
+
+def _combined(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:05d}.safetensors"
+
+
+def _plan(splits: dict[str, PreferenceData], shard_size: int) -> list[tuple[str, int, int, int]]:
+    """Every shard as (split, k, start, count), in a fixed order."""
+    shards = []
+    for name, data in splits.items():
+        n = len(data.pairs)
+        for k, start in enumerate(range(0, n, shard_size)):
+            shards.append((name, k, start, min(shard_size, n - start)))
+    return shards
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_manifest(cache_dir: Path) -> dict | None:
+    path = cache_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"ref cache {path} is corrupt ({err.msg}); rebuild with ref_cache.overwrite=true") from None
+
+
+def _refuse_if_stale(manifest: dict, parts: dict[str, str], cache_dir: Path) -> None:
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"ref cache {cache_dir} has format_version {manifest.get('format_version')}, this dpo_dist writes "
+            f"{FORMAT_VERSION}; rebuild with ref_cache.overwrite=true or use a new ref_cache.dir"
+        )
+    if manifest.get("fingerprint") == _combined(parts):
+        return
+    old = manifest.get("fingerprint_parts", {})
+    changed = [k for k in sorted(set(parts) | set(old)) if parts.get(k) != old.get(k)]
+    raise UserError(
+        f"ref cache {cache_dir} was computed from different {', '.join(changed)} than this run; "
+        "refusing to use it. Rebuild with ref_cache.overwrite=true (or point ref_cache.dir at a new folder)"
+    )
+
+
+def _load_shard(path: Path, expected_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"ref cache shard {path} is unreadable ({err}); rebuild with ref_cache.overwrite=true") from None
+    missing = [k for k in TENSOR_KEYS if k not in tensors]
+    if missing or any(tensors[k].shape != expected_index.shape for k in TENSOR_KEYS):
+        raise UserError(f"ref cache shard {path} is incomplete (keys or lengths wrong); rebuild with ref_cache.overwrite=true")
+    if not torch.equal(tensors["index"], expected_index):
+        raise UserError(f"ref cache shard {path} holds other rows than the data; rebuild with ref_cache.overwrite=true")
+    return tensors
+
+
+def _shard_is_done(path: Path, expected_index: torch.Tensor) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        _load_shard(path, expected_index)
+        return True
+    except UserError:
+        return False
+
+
+def score_shard(model, data: PreferenceData, start: int, count: int, batch_size: int, pad_id: int, device):
+    """Reference log-probs of pairs [start, start+count) of `data`, in batches of `batch_size`."""
+    out = {k: [] for k in TENSOR_KEYS}
+    for positions, _ in eval_batches(count, batch_size, 1, 0):
+        batch = collate([data.pairs[start + p] for p in positions], pad_id).to(device)
+        with torch.no_grad():
+            logps, tokens = sequence_logps(model, batch)
+        b = batch.num_pairs
+        for key, value in zip(TENSOR_KEYS, (batch.index, logps[:b], logps[b:], tokens[:b], tokens[b:])):
+            out[key].append(value.cpu())
+    return {k: torch.cat(v).contiguous() for k, v in out.items()}
+
+
+def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> None:
+    """Runs the reference pass over the shards this cache still lacks, then frees the reference.
+
+    Call after `cache_status` (on every rank), which refuses a cache made from anything else.
+    """
+    cache_dir = cfg.ref_cache_dir
+    parts = fingerprint_parts(cfg, splits, tokenizer)
+    if accelerator.is_main_process:
+        if cfg.ref_cache.overwrite and cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not (cache_dir / "manifest.json").exists():
+            _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, [], complete=False))
+    accelerator.wait_for_everyone()
+
+    plan = _plan(splits, cfg.ref_cache.shard_size)
+    mine = [s for i, s in enumerate(plan) if i % accelerator.num_processes == accelerator.process_index]
+    todo = [
+        s for s in mine
+        if not _shard_is_done(cache_dir / _shard_name(s[0], s[1]), _expected_index(splits[s[0]], s[2], s[3]))
+    ]
+    if todo:
+        model = models.load_reference(cfg.model).to(accelerator.device)
+        bar = tqdm(total=sum(s[3] for s in todo), desc="reference pass", unit="pair",
+                   disable=not accelerator.is_local_main_process)
+        for split, k, start, count in todo:
+            tensors = score_shard(model, splits[split], start, count, cfg.train.eval_batch_size,
+                                  tokenizer.pad_token_id, accelerator.device)
+            path = cache_dir / _shard_name(split, k)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+            bar.update(count)
+        bar.close()
+        del model  # the reference leaves memory for good before any policy is built
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, plan, complete=True))
+    accelerator.wait_for_everyone()
+
+
+def _expected_index(data: PreferenceData, start: int, count: int) -> torch.Tensor:
+    return torch.tensor([p.index for p in data.pairs[start : start + count]], dtype=torch.long)
+
+
+def _manifest(parts: dict[str, str], splits: dict[str, PreferenceData], plan: list, complete: bool) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": _combined(parts),
+        "fingerprint_parts": parts,
+        "num_examples": {name: len(data.pairs) for name, data in splits.items()},
+        "shards": [
+            {"file": _shard_name(split, k), "split": split, "start": start, "count": count}
+            for split, k, start, count in plan
+        ],
+        "complete": complete,
+    }
+
+
+def cache_status(cfg: Config, splits: dict[str, PreferenceData], tokenizer) -> str:
+    """'complete' (matches this run), 'partial' (same run, pass interrupted) or 'missing'.
+
+    A cache computed from anything else is refused with a UserError saying what differs.
+    """
+    manifest = _read_manifest(cfg.ref_cache_dir)
+    if manifest is None:
+        return "missing"
+    _refuse_if_stale(manifest, fingerprint_parts(cfg, splits, tokenizer), cfg.ref_cache_dir)
+    return "complete" if manifest.get("complete") else "partial"
+
+
+def load_cache(cfg: Config, splits: dict[str, PreferenceData]) -> dict[str, RefLogps]:
+    """Reads and checks every shard of a complete cache; a bad shard is refused with its name."""
+    cache_dir = cfg.ref_cache_dir
+    result = {}
+    for name, data in splits.items():
+        size = max(p.index for p in data.pairs) + 1
+        chosen = torch.full((size,), float("nan"))
+        rejected = torch.full((size,), float("nan"))
+        for _, k, start, count in _plan({name: data}, cfg.ref_cache.shard_size):
+            index = _expected_index(data, start, count)
+            tensors = _load_shard(cache_dir / _shard_name(name, k), index)
+            chosen[index] = tensors["chosen_logps"]
+            rejected[index] = tensors["rejected_logps"]
+        result[name] = RefLogps(chosen, rejected)
+    return result
+
+
+def precompute(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> bool:
+    """Builds or finishes the cache; returns False when a complete matching one was already there."""
+    if not cfg.ref_cache.overwrite and cache_status(cfg, splits, tokenizer) == "complete":
+        return False
+    build_cache(cfg, accelerator, splits, tokenizer)
+    return True
+
+
+def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict[str, RefLogps]:
+    """The reference log-probs for `splits`: from the cache, building (or finishing) it first if allowed."""
+    if cfg.ref_cache.overwrite or cache_status(cfg, splits, tokenizer) != "complete":
+        if not cfg.ref_cache.auto:
+            raise UserError(
+                f"no complete reference cache at {cfg.ref_cache_dir} (ref_cache.auto=false); run first:\n"
+                f"  dpo-dist precompute --config YOUR_CONFIG.yaml ref_cache.dir={cfg.ref_cache_dir}"
+            )
+        build_cache(cfg, accelerator, splits, tokenizer)
+    return load_cache(cfg, splits)
