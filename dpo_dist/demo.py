@@ -17,10 +17,10 @@ from dpo_dist.config import load_config
 DEMO_SETTINGS = [
     "train.micro_batch_size=32",
     "train.lr=3e-3",
-    "train.epochs=8",
+    "train.epochs=30",
     "train.warmup_ratio=0.05",
     "train.log_every=20",
-    "train.eval_every=120",
+    "train.eval_every=600",
     "train.save_every=0",
     "train.eval_batch_size=64",
     "loss.beta=0.1",

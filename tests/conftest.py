@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny local models and tokenizer, small preference files, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the cat sat on a mat while dogs ran far away from home to see some birds fly high over "
+         "green hills and blue seas under bright warm sun every day").split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def text_rows(n: int, seed: int = 0) -> list[dict]:
+    """Text pairs with prompts and responses of widely varied lengths."""
+    rng = random.Random(seed)
+    return [
+        {"prompt": sentence(rng, 1, 25) + "?", "chosen": " " + sentence(rng, 1, 30), "rejected": " " + sentence(rng, 1, 12)}
+        for _ in range(n)
+    ]
+
+
+def chat_rows(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = [{"role": "user", "content": sentence(rng, 2, 15)}]
+        if rng.random() < 0.5:
+            prompt = [{"role": "system", "content": sentence(rng, 2, 6)}] + prompt
+        rows.append({
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": sentence(rng, 1, 20)}],
+            "rejected": [{"role": "assistant", "content": sentence(rng, 1, 10)}],
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Two different tiny Llamas (policy A, reference B) sharing one tokenizer."""
+    from dpo_dist.tiny import build_tokenizer, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    texts = [" ".join(WORDS)] * 4 + [r["prompt"] + r["chosen"] for r in text_rows(200, seed=7)]
+    tokenizer = build_tokenizer(texts)
+    return {
+        "policy": save_tiny_model(root / "policy", [], seed=0, tokenizer=tokenizer),
+        "reference": save_tiny_model(root / "reference", [], seed=1, tokenizer=tokenizer),
+    }
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "text.jsonl", text_rows(12))
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(10))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, launcher: list[str] | None = None):
+    """Runs `python -m dpo_dist ARGS` (or `LAUNCHER ... -m dpo_dist ARGS`) in a fresh process."""
+    cmd = (launcher or [sys.executable]) + ["-m", "dpo_dist", *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
