@@ -93,6 +93,9 @@ class TrainConfig:
 
 @dataclass
 class RefCacheConfig:
+    enabled: bool = _field(
+        True, "false = no cache: the reference stays in memory and is run every step (TRL's default; a baseline)."
+    )
     dir: str | None = _field(None, "Reference log-prob cache folder; null = OUTPUT_DIR/ref_cache.")
     auto: bool = _field(True, "`train`/`evaluate` run the reference pass when the cache is missing.")
     overwrite: bool = _field(False, "Rebuild the cache even if one exists (also a stale one).")

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dpo_dist import models
-from dpo_dist.batching import collate, eval_batches
+from dpo_dist.batching import MicroBatch, collate, eval_batches
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
 from dpo_dist.errors import UserError
@@ -46,12 +46,32 @@ class RefLogps:
     chosen: torch.Tensor  # [max index + 1] float32, NaN where no pair has that index
     rejected: torch.Tensor
 
-    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = index.to(self.chosen.device)
+    def for_batch(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        index = batch.index.to(self.chosen.device)
         return self.chosen[index], self.rejected[index]
 
     def to(self, device: torch.device | str) -> RefLogps:
         return RefLogps(self.chosen.to(device), self.rejected.to(device))
+
+
+class ResidentReference:
+    """The reference model kept in memory and run on every batch (`ref_cache.enabled=false`).
+
+    Same scoring function as the cache's, so both give the same numbers; it exists as the
+    baseline the cache is measured against, and for data that changes between epochs.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def for_batch(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logps, _ = sequence_logps(self.model, batch)
+        return logps[: batch.num_pairs], logps[batch.num_pairs :]
+
+    def to(self, device: torch.device | str) -> ResidentReference:
+        self.model.to(device)
+        return self
 
 
 def _digest(files: list[Path]) -> str:
@@ -208,6 +228,9 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
         s for s in mine
         if not _shard_is_done(cache_dir / _shard_name(s[0], s[1]), _expected_index(splits[s[0]], s[2], s[3]))
     ]
+    done = len(mine) - len(todo)
+    print(f"[rank {accelerator.process_index}] reference pass: {len(todo)} shard(s) to compute, "
+          f"{done} already complete", flush=True)
     if todo:
         model = models.load_reference(cfg.model).to(accelerator.device)
         bar = tqdm(total=sum(s[3] for s in todo), desc="reference pass", unit="pair",
@@ -286,8 +309,12 @@ def precompute(cfg: Config, accelerator, splits: dict[str, PreferenceData], toke
     return True
 
 
-def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict[str, RefLogps]:
-    """The reference log-probs for `splits`: from the cache, building (or finishing) it first if allowed."""
+def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict:
+    """Reference log-probs per split: from the cache (built or finished first if allowed), or a
+    resident reference model when the cache is disabled. Each value has `for_batch(batch)`."""
+    if not cfg.ref_cache.enabled:
+        reference = ResidentReference(models.load_reference(cfg.model))
+        return {name: reference for name in splits}
     if cfg.ref_cache.overwrite or cache_status(cfg, splits, tokenizer) != "complete":
         if not cfg.ref_cache.auto:
             raise UserError(

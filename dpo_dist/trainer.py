@@ -40,10 +40,10 @@ def load_splits(cfg: Config, tokenizer, accelerator) -> dict[str, PreferenceData
 
 
 def score_batch(model, batch: MicroBatch, ref: RefLogps, loss_cfg: LossConfig) -> tuple[LossOutput, PairScores]:
-    """Policy log-probs of one micro-batch, its reference log-probs from the cache, and the loss."""
+    """Policy log-probs of one micro-batch, its reference log-probs (cache or resident), and the loss."""
     logps, tokens = sequence_logps(model, batch)
     b = batch.num_pairs
-    ref_chosen, ref_rejected = ref.lookup(batch.index)
+    ref_chosen, ref_rejected = ref.for_batch(batch)
     scores = PairScores(logps[:b], logps[b:], ref_chosen, ref_rejected, tokens[:b], tokens[b:])
     out = preference_loss(
         scores,
