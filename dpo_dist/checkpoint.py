@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from dpo_dist.config import ModelConfig
+from dpo_dist.config import Config, ModelConfig, save_config
 from dpo_dist.errors import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -44,7 +44,7 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def save(accelerator, output_dir: Path, step: int, keep_last: int) -> Path:
+def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config) -> Path:
     root = _root(output_dir)
     name = f"step-{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -55,7 +55,8 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's shards are on disk
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        save_config(config, tmp / "config.yaml")  # what `dpo-dist export` rebuilds the model from
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))  # last: marks the folder complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer_tmp = root / ".latest.tmp"
@@ -76,11 +77,49 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
     """Hugging Face folder: full weights (gathered from ZeRO-3 shards) or the LoRA adapter."""
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
         if model_cfg.lora is not None and model_cfg.lora.save_merged:
-            merged = unwrapped.merge_and_unload()
-            merged.save_pretrained(path / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(path / "merged")
+            # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.
+            from peft import AutoPeftModelForCausalLM
+
+            merged = AutoPeftModelForCausalLM.from_pretrained(tmp).merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def export_checkpoint(checkpoint_dir: Path, output: Path) -> None:
+    """`dpo-dist export`: a sharded checkpoint (any ZeRO stage, any process count) -> HF folder.
+
+    Runs as one process on the CPU: DeepSpeed's ZeRO shards are consolidated to fp32 with its own
+    `zero_to_fp32` reader; a plain accelerate checkpoint is read as is.
+    """
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from dpo_dist import models
+    from dpo_dist.config import load_config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / STATE_FILE).is_file():
+        raise UserError(f"{checkpoint_dir}: not a complete dpo_dist checkpoint (no {STATE_FILE})")
+    cfg = load_config(checkpoint_dir / "config.yaml")
+    if (checkpoint_dir / "pytorch_model").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    else:
+        state_dict = load_file(checkpoint_dir / "model.safetensors")
+    model = models.load_policy(cfg.model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Every trained weight must come from the checkpoint; frozen ones (a LoRA base) from model.policy.
+    missing_trained = {n for n, p in model.named_parameters() if p.requires_grad} & set(missing)
+    if unexpected or missing_trained:
+        raise UserError(f"{checkpoint_dir}: weights do not fit model.policy ({len(missing_trained)} trained "
+                        f"weights missing, {len(unexpected)} unexpected keys)")
+    export_final(Accelerator(cpu=True), model, models.load_tokenizer(cfg.model), Path(output), cfg.model)

@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": "Preference metrics of model.policy on data.eval (or data.train) against the reference; "
     "prints JSON and writes OUTPUT_DIR/eval_metrics.json.",
     "demo": "Tiny model + bundled arithmetic preferences: precompute -> train -> evaluate on the CPU.",
+    "export": "Convert a sharded checkpoint (checkpoints/step-NNNNNN) into a Hugging Face model folder.",
 }
 
 EPILOG = """\
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-dist", description="Distributed DPO training with a cached reference pass.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in COMMANDS.items():
+        if name == "export":
+            p = sub.add_parser(name, help=text, description=text)
+            p.add_argument("checkpoint", type=Path, help="A checkpoint folder, e.g. runs/exp1/checkpoints/step-000500.")
+            p.add_argument("--output_dir", type=Path, help="Where to write (default: CHECKPOINT/hf).")
+            continue
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG + _config_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", type=Path, help="YAML config file (see README 'Config reference').")
@@ -52,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from dpo_dist.config import load_config
 
+    if args.command == "export":
+        from dpo_dist.checkpoint import export_checkpoint
+
+        output = args.output_dir or args.checkpoint / "hf"
+        export_checkpoint(args.checkpoint, output)
+        print(f"exported {args.checkpoint} to {output}")
+        return
     if args.command == "demo":
         from dpo_dist.demo import run_demo
 

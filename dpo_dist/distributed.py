@@ -7,9 +7,11 @@ environment, never a hard-coded "cuda".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import warnings
 from datetime import timedelta
 
 import numpy as np
@@ -56,6 +58,9 @@ def build_accelerator(cfg: Config):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs
 
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # accelerate 1.15 picks no backend for DeepSpeed on a CPU-only machine, and then every rank
@@ -83,6 +88,54 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def zero_stage(accelerator) -> int:
+    if not uses_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
+    """The frozen reference, whole on every rank, on this rank's device.
+
+    Under ZeRO-3 transformers would partition any model loaded after the Accelerator exists; the
+    reference runs outside any DeepSpeed engine, so it must be loaded whole (and, being inference
+    only, each rank scores its own shards without collectives).
+    """
+    with _unpartitioned_loading(accelerator):
+        model = models.load_reference(cfg.model)
+    return model.to(accelerator.device)
+
+
+@contextlib.contextmanager
+def _unpartitioned_loading(accelerator):
+    """transformers partitions every model it loads while a ZeRO-3 DeepSpeed config is registered
+    (accelerate's `zero3_init_context_manager(enable=False)` keeps it registered); lift it here."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay)
+    offload = {}
+    if uses_deepspeed(accelerator):
+        offload = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}
+        )
+    if offload.get("device") in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the CPU
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def prepare_policy(cfg: Config, accelerator, total_steps: int):
     """Builds the policy, AdamW and the LR schedule and hands model + optimizer to accelerate.
 
@@ -91,11 +144,8 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     """
     from transformers import get_scheduler
 
-    model = models.load_policy(cfg.model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay
-    )
+    model = models.load_policy(cfg.model)  # partitioned from load time under ZeRO-3 (zero3_init_flag)
+    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dpo_dist import models
+from dpo_dist import distributed, models
 from dpo_dist.batching import MicroBatch, collate, eval_batches
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
@@ -232,7 +232,7 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
     print(f"[rank {accelerator.process_index}] reference pass: {len(todo)} shard(s) to compute, "
           f"{done} already complete", flush=True)
     if todo:
-        model = models.load_reference(cfg.model).to(accelerator.device)
+        model = distributed.load_reference(cfg, accelerator)
         bar = tqdm(total=sum(s[3] for s in todo), desc="reference pass", unit="pair",
                    disable=not accelerator.is_local_main_process)
         for split, k, start, count in todo:
@@ -313,7 +313,7 @@ def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData
     """Reference log-probs per split: from the cache (built or finished first if allowed), or a
     resident reference model when the cache is disabled. Each value has `for_batch(batch)`."""
     if not cfg.ref_cache.enabled:
-        reference = ResidentReference(models.load_reference(cfg.model))
+        reference = ResidentReference(distributed.load_reference(cfg, accelerator))
         return {name: reference for name in splits}
     if cfg.ref_cache.overwrite or cache_status(cfg, splits, tokenizer) != "complete":
         if not cfg.ref_cache.auto:

@@ -175,7 +175,7 @@ class Trainer:
                 acc.print(f"step {self.step}: eval loss {eval_values['eval/loss']:.4f}, "
                           f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
             if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
-                checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last)
+                checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg)
                 window_start = time.perf_counter()  # saving is not training time
         bar.close()
         checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg.model)
