@@ -101,13 +101,13 @@ def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
     reference runs outside any DeepSpeed engine, so it must be loaded whole (and, being inference
     only, each rank scores its own shards without collectives).
     """
-    with _unpartitioned_loading(accelerator):
+    with unpartitioned_loading(accelerator):
         model = models.load_reference(cfg.model)
     return model.to(accelerator.device)
 
 
 @contextlib.contextmanager
-def _unpartitioned_loading(accelerator):
+def unpartitioned_loading(accelerator):
     """transformers partitions every model it loads while a ZeRO-3 DeepSpeed config is registered
     (accelerate's `zero3_init_context_manager(enable=False)` keeps it registered); lift it here."""
     if zero_stage(accelerator) != 3:

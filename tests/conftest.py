@@ -78,7 +78,7 @@ def chat_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(10))
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600, launcher: list[str] | None = None):
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300, launcher: list[str] | None = None):
     """Runs `python -m dpo_dist ARGS` (or `LAUNCHER ... -m dpo_dist ARGS`) in a fresh process."""
     cmd = (launcher or [sys.executable]) + ["-m", "dpo_dist", *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}

@@ -93,3 +93,116 @@ def test_final_weights_do_not_depend_on_processes_or_split(setup):
             torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
     lines = [json.loads(line) for line in (root / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [line["pairs"] for line in lines] == [4.0] * 4  # metrics count every pair of both ranks
+
+
+def launch_background(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    cmd = (launcher or [sys.executable]) + ["-m", "dpo_dist", "train", *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
+    proc.wait()
+
+
+def latest_step(out) -> int:
+    pointer = out / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.is_file() else 0
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(setup):
+    root, base = setup
+    args = [*base, "train.micro_batch_size=2", "train.max_steps=40", "train.save_every=5", "train.keep_last=2"]
+    straight = train(root / "straight", args, launcher=accelerate("zero3_cpu.yaml", 29631))
+
+    out = root / "killed"
+    run_args = [f"output_dir={out}", *args, "resume=auto"]
+    proc = launch_background(run_args, accelerate("zero3_cpu.yaml", 29632))
+    wait_for(lambda: latest_step(out) >= 5)
+    kill_group(proc)
+    killed_at = latest_step(out)
+    assert 5 <= killed_at < 40 and not (out / "final").exists(), "the kill should land mid-run"
+    assert len(list((out / "checkpoints" / f"step-{killed_at:06d}" / "pytorch_model").glob("zero_pp_rank_*"))) == 4
+
+    resumed = train(out, args, "resume=auto", launcher=accelerate("zero3_cpu.yaml", 29633))
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40 and len(set(steps)) == 40  # every step logged once after the resume
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == ["step-000035", "step-000040"]
+
+
+def test_kill_during_saves_never_leaves_latest_incomplete(setup):
+    """Checkpoint every step and SIGKILL at random moments (mostly inside a save): `latest` always
+    names a complete checkpoint, and the run still ends with the uninterrupted run's weights."""
+    import random
+
+    root, base = setup
+    args = [*base, "train.micro_batch_size=4", "train.max_steps=60", "train.save_every=1", "train.keep_last=2"]
+    straight = train(root / "straight1", args)
+    out = root / "kills"
+    rng = random.Random(0)
+    for _ in range(3):
+        before = latest_step(out)
+        proc = launch_background([f"output_dir={out}", *args, "resume=auto"])
+        wait_for(lambda: latest_step(out) > before + 2)
+        time.sleep(rng.uniform(0.0, 0.3))
+        kill_group(proc)
+        step = latest_step(out)
+        ckpt = out / "checkpoints" / f"step-{step:06d}"
+        assert (ckpt / "trainer_state.json").is_file() and (ckpt / "model.safetensors").is_file()
+        assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
+    resumed = train(out, args, "resume=auto")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_export_matches_the_trained_model(setup, tiny):
+    """ZeRO-3 final/ (gathered live) and `dpo-dist export` of its last sharded checkpoint (consolidated
+    offline) load with from_pretrained and give the same logits."""
+    root, base = setup
+    out = root / "export"
+    train(out, base, "train.micro_batch_size=2", "train.max_steps=3", "train.save_every=3",
+          launcher=accelerate("zero3_cpu.yaml", 29641))
+    result = run_cli("export", str(out / "checkpoints" / "step-000003"), "--output_dir", str(root / "exported"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
+    final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    exported = AutoModelForCausalLM.from_pretrained(root / "exported").eval()
+    initial = AutoModelForCausalLM.from_pretrained(tiny["policy"]).eval()
+    with torch.no_grad():
+        a, b, c = (m(ids).logits for m in (final, exported, initial))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (a - c).abs().max() > 1e-4
+    assert (out / "final" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("config,port", [("zero2_cpu.yaml", 29651), ("zero3_cpu.yaml", 29652)])
+def test_lora_under_zero(setup, tiny, config, port):
+    from peft import PeftModel
+
+    root, base = setup
+    out = root / f"lora-{config}"
+    result = run_cli("train", f"output_dir={out}", *base, "model.lora.r=4", "model.lora.save_merged=true",
+                     "train.micro_batch_size=2", "train.max_steps=3", "train.lr=1e-2",
+                     launcher=accelerate(config, port))
+    assert result.returncode == 0, result.stderr[-4000:]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/chosen"] == 0 and first["pairs"] == 4  # base model = reference at step 0
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # it trained
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["policy"]), out / "final").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged").eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
