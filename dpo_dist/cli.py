@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from dpo_dist.errors import UserError
+from dpo_dist.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 COMMANDS = {
     "precompute": "Reference pass: write the reference log-prob cache for the train and eval data, then exit.",
@@ -75,8 +75,10 @@ def run(args: argparse.Namespace) -> None:
         from dpo_dist.trainer import Trainer
 
         trainer = Trainer(cfg)
-        trainer.train()
-        trainer.close()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     elif args.command == "precompute":
         precompute_command(cfg)
     elif args.command == "evaluate":
@@ -129,3 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"dpo-dist {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        print(f"dpo-dist {args.command}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import warnings
 from datetime import timedelta
 
@@ -80,6 +81,30 @@ def build_accelerator(cfg: Config):
         kwargs_handlers=[timeout],
     )
     return accelerator
+
+
+class PreemptionWatch:
+    """Turns SIGUSR1 / SIGTERM (Slurm's `--signal`, a cloud spot notice) into a flag that every rank
+    checks after each optimizer step; one tiny all-reduce makes all ranks stop at the same step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.flag = torch.zeros(1, device=accelerator.device)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.flag.fill_(1)
+        print(f"[rank {self.accelerator.process_index}] got {signal.Signals(signum).name}: "
+              "checkpointing after this step", flush=True)
+
+    def requested(self) -> bool:
+        flag = self.flag.clone()
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
 
 def uses_deepspeed(accelerator) -> bool:

@@ -7,3 +7,13 @@ exception is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem in the user's input: the message says what, where, and how to fix it."""
+
+
+PREEMPTED_EXIT_CODE = 85
+
+
+class Preempted(Exception):
+    """Training stopped on SIGUSR1/SIGTERM after saving a checkpoint; `resume=auto` continues it.
+
+    The CLI exits with PREEMPTED_EXIT_CODE, which launch/slurm/dpo.sbatch turns into a requeue.
+    """

@@ -21,6 +21,7 @@ from dpo_dist import checkpoint, distributed, models
 from dpo_dist.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
 from dpo_dist.config import Config, LossConfig, save_config
 from dpo_dist.data import PreferenceData, load_preference_data
+from dpo_dist.errors import Preempted
 from dpo_dist.logprobs import sequence_logps
 from dpo_dist.losses import LossOutput, PairScores, preference_loss
 from dpo_dist.metrics import MetricsLogger, MetricSums
@@ -102,6 +103,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = distributed.prepare_policy(cfg, acc, self.total_steps)
         self.step = 0
         self.logger = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
+        self.preemption = distributed.PreemptionWatch(acc)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir)
         if resume_from is not None:
             self.step = checkpoint.load(acc, resume_from)["step"]
@@ -174,9 +176,13 @@ class Trainer:
                 self.logger.log(self.step, {"epoch": self.step / self.plan.steps_per_epoch, **eval_values})
                 acc.print(f"step {self.step}: eval loss {eval_values['eval/loss']:.4f}, "
                           f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
-            if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
+            preempted = self.preemption.requested()
+            if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
                 checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg)
                 window_start = time.perf_counter()  # saving is not training time
+            if preempted and not last:
+                bar.close()
+                raise Preempted(f"preempted: checkpoint of step {self.step} saved; resume=auto continues")
         bar.close()
         checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg.model)
         acc.print(f"final model written to {self.output_dir / 'final'}")

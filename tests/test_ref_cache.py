@@ -20,8 +20,8 @@ from dpo_dist.errors import UserError
 from dpo_dist.ref_cache import cache_status, load_cache
 from test_logprobs import naive_logp
 
-TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--main_process_port", "29611"]
+TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(REPO / "launch" / "accelerate" / "ddp_cpu.yaml"), "--main_process_port", "29611"]
 
 
 def cache_args(tiny, data_file, out, *extra):

@@ -1,0 +1,103 @@
+"""launch/slurm/dpo.sbatch on a real one-node Slurm cluster started here (see slurm_cluster.py)."""
+
+import os
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, text_rows, write_jsonl
+from slurm_cluster import SlurmCluster, unavailable_reason
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None,
+                                                   reason=f"no Slurm here: {unavailable_reason()}")]
+SBATCH = str(REPO / "launch" / "slurm" / "dpo.sbatch")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def job_config(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm_jobs")
+    data = write_jsonl(root / "train.jsonl", text_rows(40, seed=3))
+    config = root / "run.yaml"
+    config.write_text(
+        f"model: {{policy: {tiny['policy']}}}\n"
+        f"data: {{train: {data}}}\n"
+        f"ref_cache: {{dir: {root / 'cache'}}}\n"
+        "train: {micro_batch_size: 2, max_steps: 120, save_every: 20, log_every: 10, lr: 1.0e-3, warmup_ratio: 0}\n"
+    )
+    return root, config
+
+
+def job_env(**extra):
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    return {"PATH": path, "DS_ACCELERATOR": "cpu", "GPUS_PER_NODE": "1",
+            "ACCELERATE_CONFIG": "launch/accelerate/zero2_cpu.yaml", **extra}
+
+
+def submit(cluster, config, out, log, *sbatch_args, wait=False, env=None):
+    args = ["sbatch", "--parsable", f"--output={log}", f"--chdir={REPO}", *sbatch_args]
+    if wait:
+        args.append("--wait")
+    result = cluster.run(*args, SBATCH, str(config), f"output_dir={out}", env=env or job_env(), timeout=600)
+    assert result.returncode == 0, (result.stdout, result.stderr, log.read_text() if log.exists() else "")
+    return result.stdout.strip().split(";")[0]
+
+
+def test_batch_job_trains_to_completion(cluster, job_config):
+    root, config = job_config
+    submit(cluster, config, root / "straight", root / "straight.log", wait=True)
+    log = (root / "straight.log").read_text()
+    assert "finished with status 0" in log, log[-3000:]
+    assert "[node 0/1" in log and (root / "straight" / "final" / "model.safetensors").is_file()
+
+
+def test_two_node_rendezvous_emulated_on_one_host(cluster, job_config):
+    root, config = job_config
+    log = root / "two.log"
+    submit(cluster, config, root / "two", log, "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", wait=True,
+           env=job_env(MASTER_PORT="29671"))
+    text = log.read_text()
+    assert "finished with status 0" in text, text[-3000:]
+    assert "[node 0/2" in text and "[node 1/2" in text
+    assert "2 process(es), global batch 4 pairs" in text
+    assert (root / "two" / "final" / "model.safetensors").is_file()
+
+
+def test_preempted_job_checkpoints_requeues_and_matches(cluster, job_config):
+    root, config = job_config
+    out, log = root / "preempted", root / "preempted.log"
+    job = submit(cluster, config, out, log, env=job_env(MASTER_PORT="29672"))
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists():
+        assert time.time() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), log.read_text()[-3000:]
+        time.sleep(0.05)
+    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    deadline = time.time() + 400
+    released = False
+    while not (cluster.job_state(job) == "COMPLETED" and (out / "final").exists()):
+        assert time.time() < deadline, log.read_text()[-4000:]
+        state = cluster.job_state(job)
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), log.read_text()[-4000:]
+        if state == "PENDING" and not released and "requeueing" in log.read_text():
+            # Slurm holds a requeued job back for minutes (its BeginTime); a test need not wait.
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            released = True
+        time.sleep(0.5)
+    text = log.read_text()
+    assert "preemption signal" in text and "requeueing job" in text and "(restart 1)" in text, text[-4000:]
+    assert "got SIGUSR1: checkpointing after this step" in text
+    straight = load_file(root / "straight" / "final" / "model.safetensors")  # from the first test
+    resumed = load_file(out / "final" / "model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
