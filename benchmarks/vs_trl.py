@@ -1,0 +1,143 @@
+"""dpo_dist vs TRL 1.16 DPOTrainer, side by side in one invocation, on the CPU.
+
+    python benchmarks/vs_trl.py [--pairs 96 --batch 8 --repeats 3 --hidden 256 --layers 4]
+
+Same locally built Llama, same variable-length pairs (prompt 8-300 words, responses 4-200, log-
+uniform), same global batch, one epoch each, fp32. Runs, interleaved, `--repeats` times:
+  trl           DPOTrainer default: the reference model resident, run every step
+  trl_precomp   DPOTrainer with precompute_ref_log_probs=True (its reference pass included)
+  dpo_dist      dpo-dist precompute + train (the cache pass included: it is part of epoch 1's cost)
+Each run is its own child process; time covers building the trainer through the end of training
+(model loading included for all). Prints a table of medians and writes benchmarks/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, make_data, make_model, timestamp  # noqa: E402
+
+MODES = ("trl", "trl_precomp", "dpo_dist")
+
+
+def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
+    from transformers import AutoTokenizer
+
+    from dpo_dist.data import load_preference_data
+
+    pairs = load_preference_data(str(data), AutoTokenizer.from_pretrained(model), max_length, "keep_start").pairs
+    return sum(p.num_tokens for p in pairs)
+
+
+def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length: int) -> dict:
+    """One timed run in this (fresh) process; returns seconds and peak RSS."""
+    start = time.perf_counter()
+    if mode == "dpo_dist":
+        from dpo_dist.cli import main
+
+        common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
+                  "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}"]
+        try:
+            main(["precompute", f"output_dir={work / 'pre'}", *common])
+            main(["train", f"output_dir={work / 'run'}", *common, f"train.micro_batch_size={batch}",
+                  "train.lr=1e-6", "train.save_every=0", "train.log_every=1000", "resume=null"])
+        except SystemExit as stop:
+            if stop.code:
+                raise
+    else:
+        from datasets import load_dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(
+            output_dir=str(work / "trl"), use_cpu=True, report_to=[], per_device_train_batch_size=batch,
+            num_train_epochs=1, learning_rate=1e-6, logging_steps=1000, save_strategy="no",
+            max_length=max_length, precompute_ref_log_probs=mode == "trl_precomp",
+            precompute_ref_batch_size=batch, dataloader_num_workers=0, disable_tqdm=True,
+        )
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model),
+            ref_model=AutoModelForCausalLM.from_pretrained(model),
+            args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
+            processing_class=AutoTokenizer.from_pretrained(model),
+        )
+        trainer.train()
+    return {"seconds": time.perf_counter() - start,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.work / "model", args.work / "data.jsonl", args.work,
+                                              args.batch, args.max_length)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = make_model(work / "model", args.hidden, args.layers)
+        data = make_data(work / "data.jsonl", args.pairs)
+        tokens = epoch_tokens(model, data, args.max_length)
+        runs: dict[str, list[dict]] = {m: [] for m in MODES}
+        for r in range(args.repeats):
+            for mode in MODES:
+                run_dir = work / f"{mode}-{r}"
+                run_dir.mkdir()
+                for name in ("model", "data.jsonl"):
+                    (run_dir / name).symlink_to(work / name)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, "--work", str(run_dir), "--batch", str(args.batch),
+                     "--max_length", str(args.max_length)],
+                    cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                )
+                lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    raise RuntimeError(f"{mode} failed:\n{out.stderr[-3000:]}")
+                runs[mode].append(json.loads(lines[-1][7:]))
+                print(f"repeat {r + 1}/{args.repeats} {mode}: {runs[mode][-1]['seconds']:.1f} s", flush=True)
+
+    med = {m: {k: statistics.median(x[k] for x in runs[m]) for k in ("seconds", "peak_mib")} for m in MODES}
+    rows = []
+    for m in MODES:
+        pairs_s = args.pairs / med[m]["seconds"]
+        rows.append((m, pairs_s, tokens / med[m]["seconds"], med[m]["peak_mib"]))
+    base = {m: (p, mem) for m, p, _, mem in rows}
+    table = [
+        "| run | pairs/s | tokens/s | peak RSS (MiB) | pairs/s vs trl | pairs/s vs trl_precomp | memory vs trl |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, pairs_s, tokens_s, mem in rows:
+        table.append(f"| {m} | {pairs_s:.2f} | {tokens_s:.0f} | {mem:.0f} | {pairs_s / base['trl'][0]:.2f}x | "
+                     f"{pairs_s / base['trl_precomp'][0]:.2f}x | {mem / base['trl'][1]:.2f}x |")
+    header = (f"Llama hidden {args.hidden} x {args.layers} layers (vocab 512), {args.pairs} pairs "
+              f"({tokens} tokens, prompt+response lengths log-uniform), global batch {args.batch}, one epoch, "
+              f"fp32, CPU ({os.cpu_count()} cores); median of {args.repeats} interleaved repeats; {timestamp()}.")
+    command = (f"python benchmarks/vs_trl.py --pairs {args.pairs} --batch {args.batch} --repeats {args.repeats} "
+               f"--hidden {args.hidden} --layers {args.layers}")
+    text = "\n".join([header, "", *table, "", f"Command: `{command}`"])
+    print("\n" + text)
+    (REPO / "benchmarks" / "results.md").write_text("# dpo_dist vs TRL 1.16 DPOTrainer\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
