@@ -7,6 +7,7 @@ uniform), same global batch, one epoch each, fp32. Runs, interleaved, `--repeats
   trl           DPOTrainer default: the reference model resident, run every step
   trl_precomp   DPOTrainer with precompute_ref_log_probs=True (its reference pass included)
   dpo_dist      dpo-dist precompute + train (the cache pass included: it is part of epoch 1's cost)
+  dpo_dist_packed   the same with train.packing=true (no padding; a block-diagonal mask on sdpa)
 Each run is its own child process; time covers building the trainer through the end of training
 (model loading included for all). Prints a table of medians and writes benchmarks/results.md.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, make_data, make_model, timestamp  # noqa: E402
 
-MODES = ("trl", "trl_precomp", "dpo_dist")
+MODES = ("trl", "trl_precomp", "dpo_dist", "dpo_dist_packed")
 
 
 def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
@@ -42,11 +43,12 @@ def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
 def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length: int) -> dict:
     """One timed run in this (fresh) process; returns seconds and peak RSS."""
     start = time.perf_counter()
-    if mode == "dpo_dist":
+    if mode.startswith("dpo_dist"):
         from dpo_dist.cli import main
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
-                  "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}"]
+                  "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
+                  f"train.packing={mode == 'dpo_dist_packed'}"]
         try:
             main(["precompute", f"output_dir={work / 'pre'}", *common])
             main(["train", f"output_dir={work / 'run'}", *common, f"train.micro_batch_size={batch}",
@@ -78,7 +80,7 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=96)
+    parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
@@ -108,7 +110,8 @@ def main() -> None:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", mode, "--work", str(run_dir), "--batch", str(args.batch),
                      "--max_length", str(args.max_length)],
-                    cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                    cwd=REPO, capture_output=True, text=True,
+                    env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"},
                 )
                 lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
                 if out.returncode or not lines:

@@ -18,15 +18,22 @@ from dpo_dist.data import Pair
 
 @dataclass
 class MicroBatch:
-    """Chosen rows first, then rejected rows, right-padded to the longest sequence of the batch.
+    """The chosen sequences of B pairs, then their rejected sequences, as model inputs.
 
-    input_ids, attention_mask, response_mask: [2B, L]; index, weight: [B].
-    `response_mask` marks response tokens (the ones whose log-probs count).
+    Padded: one sequence per row, right-padded to the batch's longest ([2B, L]); attention_mask
+    [2B, L]. Packed: all 2B sequences back to back in one row ([1, T], no padding); position ids
+    restart at each sequence and attention stays inside it — a block-diagonal [1, 1, T, T] mask, or
+    None where the attention kernel reads sequence boundaries from the position ids (flash varlen).
+    response_mask marks response tokens; seq_index says which sequence (0..2B-1) each token is of
+    (-1 for padding). index, weight: [B].
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
     response_mask: torch.Tensor
+    seq_index: torch.Tensor
+    seq_lengths: torch.Tensor
     index: torch.Tensor
     weight: torch.Tensor
 
@@ -35,24 +42,44 @@ class MicroBatch:
         return self.index.numel()
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(*(t.to(device) for t in vars(self).values()))
+        return MicroBatch(*(None if t is None else t.to(device) for t in vars(self).values()))
 
 
-def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None) -> MicroBatch:
+def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None,
+            packing: str | None = None) -> MicroBatch:
+    """packing: None (padded rows), "block_mask" (one packed row, 4-D mask) or "varlen" (one
+    packed row, position ids only: flash-attention kernels)."""
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    length = max(len(s.ids) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        n = len(seq.ids)
-        input_ids[row, :n] = torch.tensor(seq.ids)
-        attention_mask[row, :n] = 1
-        response_mask[row, seq.response_start : n] = True
+    lengths = [len(s.ids) for s in sequences]
+    rows, width = (1, sum(lengths)) if packing else (len(sequences), max(lengths))
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    response_mask = torch.zeros((rows, width), dtype=torch.bool)
+    seq_index = torch.full((rows, width), -1, dtype=torch.long)
+    offset = 0
+    for k, seq in enumerate(sequences):
+        row, start = (0, offset) if packing else (k, 0)
+        n = lengths[k]
+        input_ids[row, start : start + n] = torch.tensor(seq.ids)
+        position_ids[row, start : start + n] = torch.arange(n)
+        # A sequence's first token has no prefix to be scored from, whatever the data says.
+        response_mask[row, start + max(seq.response_start, 1) : start + n] = True
+        seq_index[row, start : start + n] = k
+        offset += n
+    if packing == "varlen":
+        attention_mask = None
+    elif packing == "block_mask":
+        same = seq_index[0, :, None] == seq_index[0, None, :]
+        attention_mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[None, None]
+    else:
+        attention_mask = (seq_index >= 0).long()
     return MicroBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         response_mask=response_mask,
+        seq_index=seq_index,
+        seq_lengths=torch.tensor(lengths, dtype=torch.long),
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
         weight=torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32),
     )

@@ -88,6 +88,11 @@ class TrainConfig:
     keep_last: int = _field(2, "Checkpoints kept on disk.")
     eval_every: int = _field(500, "Evaluate every N optimizer steps (and at the end); 0 = only at the end.")
     eval_batch_size: int = _field(8, "Pairs per forward pass in evaluation and the reference pass.")
+    packing: bool = _field(
+        False,
+        "Pack each micro-batch's sequences into one row with no padding (varlen attention with flash_attention_2, "
+        "a block-diagonal mask otherwise).",
+    )
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
 
 
@@ -120,6 +125,13 @@ class Config:
     ref_cache: RefCacheConfig = _field(RefCacheConfig(), "")
     distributed: DistributedConfig = _field(DistributedConfig(), "")
     resume: str | None = _field("auto", "auto = continue from checkpoints/latest if present; null; or a path.")
+
+    @property
+    def packing_mode(self) -> str | None:
+        """How batching.collate lays sequences out: None (padded), "varlen" or "block_mask"."""
+        if not self.train.packing:
+            return None
+        return "varlen" if self.model.attn_implementation.startswith("flash_attention") else "block_mask"
 
     @property
     def ref_cache_dir(self) -> Path:

@@ -39,11 +39,14 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_causal_lm(path: Path, cfg: ModelConfig) -> torch.nn.Module:
+    """A causal LM whose LM head can score response tokens only (see logprobs.install_response_head)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
-    )
+    from dpo_dist.logprobs import install_response_head
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
+    install_response_head(model)
+    return model
 
 
 def load_reference(cfg: ModelConfig) -> torch.nn.Module:

@@ -194,11 +194,11 @@ def _shard_is_done(path: Path, expected_index: torch.Tensor) -> bool:
         return False
 
 
-def score_shard(model, data: PreferenceData, start: int, count: int, batch_size: int, pad_id: int, device):
-    """Reference log-probs of pairs [start, start+count) of `data`, in batches of `batch_size`."""
+def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config, pad_id: int, device):
+    """Reference log-probs of pairs [start, start+count) of `data`, in batches of train.eval_batch_size."""
     out = {k: [] for k in TENSOR_KEYS}
-    for positions, _ in eval_batches(count, batch_size, 1, 0):
-        batch = collate([data.pairs[start + p] for p in positions], pad_id).to(device)
+    for positions, _ in eval_batches(count, cfg.train.eval_batch_size, 1, 0):
+        batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode).to(device)
         with torch.no_grad():
             logps, tokens = sequence_logps(model, batch)
         b = batch.num_pairs
@@ -236,8 +236,8 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
         bar = tqdm(total=sum(s[3] for s in todo), desc="reference pass", unit="pair",
                    disable=not accelerator.is_local_main_process)
         for split, k, start, count in todo:
-            tensors = score_shard(model, splits[split], start, count, cfg.train.eval_batch_size,
-                                  tokenizer.pad_token_id, accelerator.device)
+            tensors = score_shard(model, splits[split], start, count, cfg, tokenizer.pad_token_id,
+                                  accelerator.device)
             path = cache_dir / _shard_name(split, k)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             save_file(tensors, tmp)

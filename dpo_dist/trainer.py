@@ -58,10 +58,9 @@ def score_batch(model, batch: MicroBatch, ref: RefLogps, loss_cfg: LossConfig) -
 
 
 def pair_tokens(batch: MicroBatch) -> torch.Tensor:
-    """Non-padding tokens of the pairs that count (weight > 0), prompt and both responses."""
-    rows = batch.attention_mask.sum(dim=-1)
+    """Tokens of the pairs that count (weight > 0), prompt and both responses."""
     b = batch.num_pairs
-    return ((rows[:b] + rows[b:]) * (batch.weight > 0)).sum()
+    return ((batch.seq_lengths[:b] + batch.seq_lengths[b:]) * (batch.weight > 0)).sum()
 
 
 @torch.no_grad()
@@ -72,7 +71,7 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
     sums = MetricSums(accelerator.device)
     for positions, weights in eval_batches(len(data.pairs), cfg.train.eval_batch_size,
                                            accelerator.num_processes, accelerator.process_index):
-        batch = collate([data.pairs[p] for p in positions], pad_id, weights).to(accelerator.device)
+        batch = collate([data.pairs[p] for p in positions], pad_id, weights, cfg.packing_mode).to(accelerator.device)
         out, scores = score_batch(model, batch, ref, cfg.loss)
         sums.add(out, scores, batch.weight, pair_tokens(batch))
     model.train(was_training)
@@ -125,7 +124,8 @@ class Trainer:
         grad_norm = None
         for micro_positions, weights in rank_share(positions, acc.num_processes, acc.process_index,
                                                    cfg.train.grad_accum):
-            batch = collate([train.pairs[p] for p in micro_positions], self.pad_id, weights).to(acc.device)
+            batch = collate([train.pairs[p] for p in micro_positions], self.pad_id, weights,
+                            cfg.packing_mode).to(acc.device)
             with acc.accumulate(self.model):
                 out, scores = score_batch(self.model, batch, self.ref["train"], cfg.loss)
                 acc.backward((out.losses * batch.weight).sum() * scale)

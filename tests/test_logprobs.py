@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import write_jsonl
 from dpo_dist.batching import collate
 from dpo_dist.data import Sequence, load_preference_data
-from dpo_dist.logprobs import sequence_logps, token_logps
+from dpo_dist.logprobs import install_response_head, sequence_logps, token_logps
 
 
 def naive_logp(model, seq: Sequence) -> float:
@@ -85,10 +85,68 @@ def test_pretokenized_used_verbatim_and_batching_invariant(model_and_tokenizer, 
                 assert part[1][j].item() == pytest.approx(full[1][i].item(), rel=1e-6, abs=1e-5)
     # Extra padding on every row changes nothing.
     batch = collate(data.pairs, tok.pad_token_id)
-    pad = torch.full((batch.input_ids.shape[0], 7), tok.pad_token_id)
-    batch.input_ids = torch.cat([batch.input_ids, pad], 1)
-    batch.attention_mask = torch.cat([batch.attention_mask, torch.zeros_like(pad)], 1)
-    batch.response_mask = torch.cat([batch.response_mask, torch.zeros_like(pad, dtype=torch.bool)], 1)
+    extra = lambda t, value: torch.cat([t, torch.full((t.shape[0], 7), value, dtype=t.dtype)], 1)  # noqa: E731
+    batch.input_ids = extra(batch.input_ids, tok.pad_token_id)
+    batch.attention_mask = extra(batch.attention_mask, 0)
+    batch.position_ids = extra(batch.position_ids, 0)
+    batch.response_mask = extra(batch.response_mask, False)
+    batch.seq_index = extra(batch.seq_index, -1)
     with torch.no_grad():
         padded, _ = sequence_logps(model, batch)
     torch.testing.assert_close(padded, torch.cat(full[:2]), rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def text_pairs(model_and_tokenizer, text_file):
+    return load_preference_data(str(text_file), model_and_tokenizer[1], 1024, "keep_end").pairs
+
+
+def grads_of(model, batch):
+    model.zero_grad()
+    logps, _ = sequence_logps(model, batch)
+    (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packing", ["block_mask", "varlen"])
+def test_packed_equals_padded(tiny, text_pairs, packing):
+    """One packed row with no padding gives the padded batch's log-probs (1e-5) and gradients."""
+    attn = "sdpa" if packing == "block_mask" else "flash_attention_2"
+    if packing == "varlen":
+        pytest.importorskip("flash_attn", reason="varlen packing needs the flash-attn kernels (GPU machines)")
+    model = AutoModelForCausalLM.from_pretrained(tiny["reference"], attn_implementation=attn)
+    install_response_head(model)
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    padded = collate(text_pairs, tok.pad_token_id)
+    packed = collate(text_pairs, tok.pad_token_id, packing=packing)
+    assert packed.input_ids.shape == (1, sum(p.num_tokens for p in text_pairs))  # not one padding token
+    a, grad_a = grads_of(model, padded)
+    b, grad_b = grads_of(model, packed)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for name in grad_a:
+        torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_response_head_equals_full_logits_and_never_builds_them(tiny, text_pairs, monkeypatch):
+    """The chunked response-only head gives the full-logits numbers and gradients; the largest
+    vocabulary projection it makes is one chunk, never [tokens x vocab] for the batch."""
+    import dpo_dist.logprobs as lp
+
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    batch = collate(text_pairs, tok.pad_token_id)
+    plain = AutoModelForCausalLM.from_pretrained(tiny["reference"])
+    expected, grad_expected = grads_of(plain, batch)  # no head installed: full logits path
+
+    headed = AutoModelForCausalLM.from_pretrained(tiny["reference"])
+    assert install_response_head(headed)
+    monkeypatch.setattr(lp, "CHUNK_ROWS", 16)
+    shapes = []
+    original = lp._target_logps
+    monkeypatch.setattr(lp, "_target_logps", lambda h, *a: shapes.append(h.shape[0]) or original(h, *a))
+    got, grad_got = grads_of(headed, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name in grad_expected:
+        torch.testing.assert_close(grad_got[name], grad_expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    response_tokens = sum(p.chosen.response_tokens + p.rejected.response_tokens for p in text_pairs)
+    assert max(shapes) == 16 and sum(shapes) == 2 * response_tokens  # forward + recomputation in backward
+    assert response_tokens < batch.input_ids.numel() / 2  # prompts and padding were never projected
