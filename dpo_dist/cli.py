@@ -87,15 +87,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def precompute_command(cfg) -> None:
-    from dpo_dist import distributed, models, ref_cache
-    from dpo_dist.config import save_config
-    from dpo_dist.trainer import load_splits
+    from dpo_dist import ref_cache
+    from dpo_dist.trainer import setup_run
 
-    acc = distributed.build_accelerator(cfg)
-    if acc.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    tokenizer = models.load_tokenizer(cfg.model)
-    splits = load_splits(cfg, tokenizer, acc)
+    acc, tokenizer, splits = setup_run(cfg)
     built = ref_cache.precompute(cfg, acc, splits, tokenizer)
     acc.print(f"reference cache {'written to' if built else 'already complete at'} {cfg.ref_cache_dir}")
     acc.end_training()
@@ -103,17 +98,12 @@ def precompute_command(cfg) -> None:
 
 def evaluate_command(cfg) -> dict:
     """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
-    from dpo_dist import distributed, models
-    from dpo_dist.config import save_config
+    from dpo_dist import models
     from dpo_dist.ref_cache import prepare_reference
-    from dpo_dist.trainer import evaluate_policy, load_splits
+    from dpo_dist.trainer import evaluate_policy, setup_run
 
-    acc = distributed.build_accelerator(cfg)
-    if acc.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    tokenizer = models.load_tokenizer(cfg.model)
     # The same splits as `train`, so the training run's cache (same fingerprint) serves here too.
-    splits = load_splits(cfg, tokenizer, acc)
+    acc, tokenizer, splits = setup_run(cfg)
     name = "eval" if "eval" in splits else "train"
     ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
     policy = acc.prepare_model(models.load_causal_lm(Path(cfg.model.policy), cfg.model), evaluation_mode=True)

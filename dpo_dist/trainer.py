@@ -40,6 +40,17 @@ def load_splits(cfg: Config, tokenizer, accelerator) -> dict[str, PreferenceData
     return splits
 
 
+def setup_run(cfg: Config):
+    """What every command starts with: the accelerator, the resolved config on disk, the
+    tokenizer and the tokenized splits. Returns (accelerator, tokenizer, splits)."""
+    accelerator = distributed.build_accelerator(cfg)
+    distributed.seed_everything(cfg.train.seed)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    tokenizer = models.load_tokenizer(cfg.model)
+    return accelerator, tokenizer, load_splits(cfg, tokenizer, accelerator)
+
+
 def score_batch(model, batch: MicroBatch, ref: RefLogps, loss_cfg: LossConfig) -> tuple[LossOutput, PairScores]:
     """Policy log-probs of one micro-batch, its reference log-probs (cache or resident), and the loss."""
     logps, tokens = sequence_logps(model, batch)
@@ -82,16 +93,10 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.accelerator = distributed.build_accelerator(cfg)
-        acc = self.accelerator
-        distributed.seed_everything(cfg.train.seed)
         self.output_dir = Path(cfg.output_dir)
-        if acc.is_main_process:
-            save_config(cfg, self.output_dir / "config.yaml")
-
-        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.accelerator, self.tokenizer, self.splits = setup_run(cfg)
+        acc = self.accelerator
         self.pad_id = self.tokenizer.pad_token_id
-        self.splits = load_splits(cfg, self.tokenizer, acc)
         self.ref = {k: v.to(acc.device) for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer).items()}
 
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * acc.num_processes

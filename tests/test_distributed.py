@@ -2,7 +2,6 @@
 invariance, sharded checkpoints with exact resume after SIGKILL, HF export, LoRA under ZeRO."""
 
 import json
-import math
 import os
 import signal
 import subprocess
