@@ -66,6 +66,9 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
             num_train_epochs=1, learning_rate=1e-6, logging_steps=1000, save_strategy="no",
             max_length=max_length, precompute_ref_log_probs=mode == "trl_precomp",
             precompute_ref_batch_size=batch, dataloader_num_workers=0, disable_tqdm=True,
+            # TRL 1.16 defaults to bf16 and gradient checkpointing; dpo_dist runs fp32 without
+            # recomputation here, so TRL does too (CPU bf16 would make TRL ~10x slower).
+            bf16=False, gradient_checkpointing=False,
         )
         trainer = DPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(model),
