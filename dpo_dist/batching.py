@@ -21,9 +21,9 @@ class MicroBatch:
     """The chosen sequences of B pairs, then their rejected sequences, as model inputs.
 
     Padded: one sequence per row, right-padded to the batch's longest ([2B, L]); attention_mask
-    [2B, L]. Packed: all 2B sequences back to back in one row ([1, T], no padding); position ids
-    restart at each sequence and attention stays inside it — a block-diagonal [1, 1, T, T] mask, or
-    None where the attention kernel reads sequence boundaries from the position ids (flash varlen).
+    [2B, L]. Packed: several sequences back to back per row ([rows, T]); position ids restart at
+    each sequence and attention stays inside it — a block-diagonal [rows, 1, T, T] mask, or None
+    where the attention kernel reads sequence boundaries from the position ids (flash varlen).
     response_mask marks response tokens; seq_index says which sequence (0..2B-1) each token is of
     (-1 for padding). index, weight: [B].
     """
@@ -45,32 +45,57 @@ class MicroBatch:
         return MicroBatch(*(None if t is None else t.to(device) for t in vars(self).values()))
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sequence numbers grouped into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[k]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(k)
+        free[row] -= lengths[k]
+    return rows
+
+
 def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None,
             packing: str | None = None) -> MicroBatch:
-    """packing: None (padded rows), "block_mask" (one packed row, 4-D mask) or "varlen" (one
-    packed row, position ids only: flash-attention kernels)."""
+    """packing: None — one sequence per row, padded to the longest; "varlen" — all sequences in
+    one row, no padding, attention bounded by position ids (flash kernels); "block_mask" — sequences
+    bin-packed into rows as long as the longest sequence, with a block-diagonal causal mask (so
+    attention costs ~ rows × longest², like padding, while nearly no padding tokens are computed)."""
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     lengths = [len(s.ids) for s in sequences]
-    rows, width = (1, sum(lengths)) if packing else (len(sequences), max(lengths))
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((rows, width), dtype=torch.long)
-    response_mask = torch.zeros((rows, width), dtype=torch.bool)
-    seq_index = torch.full((rows, width), -1, dtype=torch.long)
-    offset = 0
-    for k, seq in enumerate(sequences):
-        row, start = (0, offset) if packing else (k, 0)
-        n = lengths[k]
-        input_ids[row, start : start + n] = torch.tensor(seq.ids)
-        position_ids[row, start : start + n] = torch.arange(n)
-        # A sequence's first token has no prefix to be scored from, whatever the data says.
-        response_mask[row, start + max(seq.response_start, 1) : start + n] = True
-        seq_index[row, start : start + n] = k
-        offset += n
+    if packing == "varlen":
+        layout = [list(range(len(sequences)))]
+    elif packing == "block_mask":
+        layout = pack_rows(lengths, max(lengths))
+    else:
+        layout = [[k] for k in range(len(sequences))]
+    width = max(sum(lengths[k] for k in row) for row in layout)
+    shape = (len(layout), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    response_mask = torch.zeros(shape, dtype=torch.bool)
+    seq_index = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(layout):
+        start = 0
+        for k in row:
+            seq, n = sequences[k], lengths[k]
+            input_ids[r, start : start + n] = torch.tensor(seq.ids)
+            position_ids[r, start : start + n] = torch.arange(n)
+            # A sequence's first token has no prefix to be scored from, whatever the data says.
+            response_mask[r, start + max(seq.response_start, 1) : start + n] = True
+            seq_index[r, start : start + n] = k
+            start += n
     if packing == "varlen":
         attention_mask = None
     elif packing == "block_mask":
-        same = seq_index[0, :, None] == seq_index[0, None, :]
-        attention_mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[None, None]
+        # Padding (index -1) attends to padding: no fully masked row, so no NaN in the kernel.
+        same = seq_index[:, :, None] == seq_index[:, None, :]
+        attention_mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
     else:
         attention_mask = (seq_index >= 0).long()
     return MicroBatch(

@@ -119,7 +119,12 @@ def test_packed_equals_padded(tiny, text_pairs, packing):
     tok = AutoTokenizer.from_pretrained(tiny["reference"])
     padded = collate(text_pairs, tok.pad_token_id)
     packed = collate(text_pairs, tok.pad_token_id, packing=packing)
-    assert packed.input_ids.shape == (1, sum(p.num_tokens for p in text_pairs))  # not one padding token
+    real = sum(p.num_tokens for p in text_pairs)
+    if packing == "varlen":
+        assert packed.input_ids.shape == (1, real)  # not one padding token
+    else:  # rows no longer than the longest sequence, and far less padding than one row each
+        assert packed.input_ids.shape[1] == padded.input_ids.shape[1]
+        assert packed.input_ids.numel() - real < (padded.input_ids.numel() - real) / 3
     a, grad_a = grads_of(model, padded)
     b, grad_b = grads_of(model, packed)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -150,3 +155,13 @@ def test_response_head_equals_full_logits_and_never_builds_them(tiny, text_pairs
     response_tokens = sum(p.chosen.response_tokens + p.rejected.response_tokens for p in text_pairs)
     assert max(shapes) == 16 and sum(shapes) == 2 * response_tokens  # forward + recomputation in backward
     assert response_tokens < batch.input_ids.numel() / 2  # prompts and padding were never projected
+
+
+def test_pack_rows_fits_every_sequence_once():
+    from dpo_dist.batching import pack_rows
+
+    lengths = [9, 3, 7, 1, 5, 5, 2, 8]
+    rows = pack_rows(lengths, 9)
+    assert sorted(k for row in rows for k in row) == list(range(8))
+    assert all(sum(lengths[k] for k in row) <= 9 for row in rows)
+    assert len(rows) == 5  # 40 tokens need at least ceil(40 / 9) = 5 rows
