@@ -6,8 +6,9 @@ Same locally built Llama, same variable-length pairs (prompt 8-300 words, respon
 uniform), same global batch, one epoch each, fp32. Runs, interleaved, `--repeats` times:
   trl           DPOTrainer default: the reference model resident, run every step
   trl_precomp   DPOTrainer with precompute_ref_log_probs=True (its reference pass included)
-  dpo_dist      dpo-dist precompute + train (the cache pass included: it is part of epoch 1's cost)
-  dpo_dist_packed   the same with train.packing=true (no padding; a block-diagonal mask on sdpa)
+  dpo_dist      dpo-dist precompute + train, defaults (packing on; the cache pass included: it is
+                part of epoch 1's cost)
+  dpo_dist_padded   the same with train.packing=false (one padded row per sequence, as TRL)
 Each run is its own child process; time covers building the trainer through the end of training
 (model loading included for all). Prints a table of medians and writes benchmarks/results.md.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, make_data, make_model, timestamp  # noqa: E402
 
-MODES = ("trl", "trl_precomp", "dpo_dist", "dpo_dist_packed")
+MODES = ("trl", "trl_precomp", "dpo_dist", "dpo_dist_padded")
 
 
 def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
@@ -48,7 +49,7 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
                   "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
-                  f"train.packing={mode == 'dpo_dist_packed'}"]
+                  f"train.packing={mode != 'dpo_dist_padded'}"]
         try:
             main(["precompute", f"output_dir={work / 'pre'}", *common])
             main(["train", f"output_dir={work / 'run'}", *common, f"train.micro_batch_size={batch}",
@@ -83,7 +84,7 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)

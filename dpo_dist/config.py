@@ -89,9 +89,9 @@ class TrainConfig:
     eval_every: int = _field(500, "Evaluate every N optimizer steps (and at the end); 0 = only at the end.")
     eval_batch_size: int = _field(8, "Pairs per forward pass in evaluation and the reference pass.")
     packing: bool = _field(
-        False,
-        "Pack each micro-batch's sequences into one row with no padding (varlen attention with flash_attention_2, "
-        "a block-diagonal mask otherwise).",
+        True,
+        "Pack each micro-batch's sequences without padding: one row with varlen attention under flash_attention_2, "
+        "else rows as long as the longest sequence with a block-diagonal mask. false = one padded row per sequence.",
     )
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
 
