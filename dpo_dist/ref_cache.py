@@ -207,13 +207,14 @@ def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
 
 
-def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> None:
+def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer,
+                parts: dict[str, str]) -> None:
     """Runs the reference pass over the shards this cache still lacks, then frees the reference.
 
-    Call after `cache_status` (on every rank), which refuses a cache made from anything else.
+    Call after `cache_status(cfg, parts)` (on every rank), which refuses a cache made from anything
+    else; `parts` is this run's `fingerprint_parts`.
     """
     cache_dir = cfg.ref_cache_dir
-    parts = fingerprint_parts(cfg, splits, tokenizer)
     if accelerator.is_main_process:
         if cfg.ref_cache.overwrite and cache_dir.exists():
             shutil.rmtree(cache_dir)
@@ -272,15 +273,14 @@ def _manifest(parts: dict[str, str], splits: dict[str, PreferenceData], plan: li
     }
 
 
-def cache_status(cfg: Config, splits: dict[str, PreferenceData], tokenizer) -> str:
-    """'complete' (matches this run), 'partial' (same run, pass interrupted) or 'missing'.
-
-    A cache computed from anything else is refused with a UserError saying what differs.
+def cache_status(cfg: Config, parts: dict[str, str]) -> str:
+    """'complete' (matches this run's `fingerprint_parts`), 'partial' (same run, pass interrupted)
+    or 'missing'. A cache computed from anything else is refused with a UserError saying what differs.
     """
     manifest = _read_manifest(cfg.ref_cache_dir)
     if manifest is None:
         return "missing"
-    _refuse_if_stale(manifest, fingerprint_parts(cfg, splits, tokenizer), cfg.ref_cache_dir)
+    _refuse_if_stale(manifest, parts, cfg.ref_cache_dir)
     return "complete" if manifest.get("complete") else "partial"
 
 
@@ -303,9 +303,10 @@ def load_cache(cfg: Config, splits: dict[str, PreferenceData]) -> dict[str, RefL
 
 def precompute(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> bool:
     """Builds or finishes the cache; returns False when a complete matching one was already there."""
-    if not cfg.ref_cache.overwrite and cache_status(cfg, splits, tokenizer) == "complete":
+    parts = fingerprint_parts(cfg, splits, tokenizer)  # hashes the weights: once per run
+    if not cfg.ref_cache.overwrite and cache_status(cfg, parts) == "complete":
         return False
-    build_cache(cfg, accelerator, splits, tokenizer)
+    build_cache(cfg, accelerator, splits, tokenizer, parts)
     return True
 
 
@@ -315,11 +316,12 @@ def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData
     if not cfg.ref_cache.enabled:
         reference = ResidentReference(distributed.load_reference(cfg, accelerator))
         return {name: reference for name in splits}
-    if cfg.ref_cache.overwrite or cache_status(cfg, splits, tokenizer) != "complete":
+    parts = fingerprint_parts(cfg, splits, tokenizer)  # hashes the weights: once per run
+    if cfg.ref_cache.overwrite or cache_status(cfg, parts) != "complete":
         if not cfg.ref_cache.auto:
             raise UserError(
                 f"no complete reference cache at {cfg.ref_cache_dir} (ref_cache.auto=false); run first:\n"
                 f"  dpo-dist precompute --config YOUR_CONFIG.yaml ref_cache.dir={cfg.ref_cache_dir}"
             )
-        build_cache(cfg, accelerator, splits, tokenizer)
+        build_cache(cfg, accelerator, splits, tokenizer, parts)
     return load_cache(cfg, splits)

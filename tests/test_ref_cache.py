@@ -17,7 +17,7 @@ from conftest import REPO, run_cli, text_rows, write_jsonl
 from dpo_dist.config import load_config
 from dpo_dist.data import load_preference_data
 from dpo_dist.errors import UserError
-from dpo_dist.ref_cache import cache_status, load_cache
+from dpo_dist.ref_cache import cache_status, fingerprint_parts, load_cache
 from test_logprobs import naive_logp
 
 TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -100,21 +100,24 @@ def _splits(cfg):
     return {"train": load_preference_data(cfg.data.train, tok, cfg.data.max_length, cfg.data.truncation)}, tok
 
 
+def status(cfg):
+    return cache_status(cfg, fingerprint_parts(cfg, *_splits(cfg)))
+
+
 def test_stale_cache_is_refused_with_the_reason(tiny, text_file, built, tmp_path):
     base = [f"model.policy={tiny['policy']}", f"model.reference={tiny['reference']}", f"data.train={text_file}",
             f"ref_cache.dir={built}", "ref_cache.shard_size=5"]
     cfg = load_config(None, base)
-    splits, tok = _splits(cfg)
-    assert cache_status(cfg, splits, tok) == "complete"
+    assert status(cfg) == "complete"
 
     changed_data = write_jsonl(tmp_path / "more.jsonl", text_rows(13))
     cfg = load_config(None, base + [f"data.train={changed_data}"])
     with pytest.raises(UserError, match="different train data files.*ref_cache.overwrite=true"):
-        cache_status(cfg, *_splits(cfg))
+        status(cfg)
 
     cfg = load_config(None, base + ["data.max_length=16"])
     with pytest.raises(UserError, match="different preprocessing settings"):
-        cache_status(cfg, *_splits(cfg))
+        status(cfg)
 
     other_tok = tmp_path / "other_tok"
     shutil.copytree(tiny["policy"], other_tok)
@@ -123,7 +126,7 @@ def test_stale_cache_is_refused_with_the_reason(tiny, text_file, built, tmp_path
     (other_tok / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     cfg = load_config(None, base + [f"model.policy={other_tok}"])
     with pytest.raises(UserError, match="different tokenizer"):
-        cache_status(cfg, *_splits(cfg))
+        status(cfg)
 
     other_ref = tmp_path / "other_ref"
     shutil.copytree(tiny["reference"], other_ref)
@@ -133,7 +136,7 @@ def test_stale_cache_is_refused_with_the_reason(tiny, text_file, built, tmp_path
     model.save_pretrained(other_ref)
     cfg = load_config(None, base + [f"model.reference={other_ref}"])
     with pytest.raises(UserError, match="different reference weights"):
-        cache_status(cfg, *_splits(cfg))
+        status(cfg)
 
 
 def test_truncated_shard_is_refused_by_name(tiny, text_file, built, tmp_path):
