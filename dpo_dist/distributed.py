@@ -14,6 +14,7 @@ import random
 import signal
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def _deepspeed_plugin(cfg: Config):
         plugin = DeepSpeedPlugin()  # from `accelerate launch --config_file` (environment variables)
     else:
         try:
-            ds_config = json.loads(open(path).read())
+            ds_config = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"distributed.deepspeed={path}: cannot read DeepSpeed JSON ({err})") from None
         zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
