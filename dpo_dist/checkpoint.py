@@ -85,9 +85,9 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
             # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.
             from peft import AutoPeftModelForCausalLM
 
-            from dpo_dist.distributed import unpartitioned_loading
+            from dpo_dist.distributed import transformers_zero3_off
 
-            with unpartitioned_loading(accelerator):  # only this rank loads: no ZeRO-3 partitioning
+            with transformers_zero3_off(accelerator):  # only this rank loads: no ZeRO-3 partitioning
                 merged = AutoPeftModelForCausalLM.from_pretrained(tmp).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")

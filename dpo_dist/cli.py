@@ -106,7 +106,7 @@ def evaluate_command(cfg) -> dict:
     acc, tokenizer, splits = setup_run(cfg)
     name = "eval" if "eval" in splits else "train"
     ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
-    policy = acc.prepare_model(models.load_causal_lm(Path(cfg.model.policy), cfg.model), evaluation_mode=True)
+    policy = acc.prepare_model(models.load_causal_lm(models.policy_path(cfg.model), cfg.model), evaluation_mode=True)
     metrics = evaluate_policy(policy, splits[name], ref, cfg, acc, tokenizer.pad_token_id)
     if acc.is_main_process:
         (Path(cfg.output_dir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -41,9 +41,11 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    policy: str = _field("", "Hugging Face model folder the policy starts from.")
+    policy: str = _field(
+        "", "Model the policy starts from: a Hugging Face folder or a hub id (org/name, org/name@revision)."
+    )
     reference: str | None = _field(
-        None, "Reference (SFT) model folder; null = the policy's starting weights."
+        None, "Reference (SFT) model: a folder or a hub id; null = the policy's starting weights."
     )
     lora: LoraConfig | None = _field(None, "LoRA settings; null trains all weights.")
     dtype: str = _field("float32", "Weights dtype: float32, bfloat16 or float16. Log-probs are summed in float32.")

@@ -8,6 +8,8 @@ environment, never a hard-coded "cuda".
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import json
 import os
 import random
@@ -120,22 +122,85 @@ def zero_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
-    """The frozen reference, whole on every rank, on this rank's device.
+def reference_is_partitioned(accelerator) -> bool:
+    """ZeRO-3 over several processes partitions the reference too; otherwise it is whole on each rank."""
+    return zero_stage(accelerator) == 3 and accelerator.num_processes > 1
 
-    Under ZeRO-3 transformers would partition any model loaded after the Accelerator exists; the
-    reference runs outside any DeepSpeed engine, so it must be loaded whole (and, being inference
-    only, each rank scores its own shards without collectives).
+
+def inference_ds_config(accelerator, hidden_size: int | None) -> dict:
+    """The run's DeepSpeed config for a frozen model: no optimizer, scheduler or optimizer offload
+    (DeepSpeed would build optimizer state for it), ZeRO's own sizes where the file says "auto"."""
+    ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    zero = ds.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if hidden_size:  # accelerate's own formulas for these "auto" values
+        sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
+        zero.update({k: v for k, v in sizes.items() if zero.get(k) == "auto"})
+    return _without_auto(ds)
+
+
+def _without_auto(tree: dict) -> dict:
+    """Drops keys still set to "auto" (DeepSpeed then uses its defaults)."""
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in tree.items() if v != "auto"}
+
+
+def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
+    """The frozen reference, ready to score batches on this rank's device.
+
+    One process, or ZeRO-0/1/2: whole on every rank (it fits where the policy fits whole).
+    ZeRO-3 on several processes: never whole on any rank. It is built partitioned and each rank
+    reads only its slice of the weights (see `partitioned`), then runs as an inference-only
+    DeepSpeed engine (partitioned parameters gathered layer by layer in forward; no fp32 master
+    copy, no optimizer state; `offload_param` honoured). Its forwards are collectives: every rank
+    must run the same number of them.
     """
-    with unpartitioned_loading(accelerator):
-        model = models.load_reference(cfg.model)
-    return model.to(accelerator.device)
+    if not reference_is_partitioned(accelerator):
+        with transformers_zero3_off(accelerator):
+            return models.load_reference(cfg.model).to(accelerator.device)
+    import deepspeed
+    from transformers import AutoConfig
+
+    from dpo_dist.logprobs import install_response_head
+    from dpo_dist.partitioned import NotSliceable, build_partitioned
+
+    path = models.reference_path(cfg.model)
+    ds_config = inference_ds_config(accelerator, getattr(AutoConfig.from_pretrained(path), "hidden_size", None))
+    with transformers_zero3_off(accelerator):
+        try:
+            model = build_partitioned(path, models.DTYPES[cfg.model.dtype], cfg.model.attn_implementation, ds_config,
+                                      accelerator.process_index)
+        except NotSliceable as why:
+            # transformers' ZeRO-3 loading: still partitioned on the devices, but rank 0 reads
+            # the whole checkpoint into host memory first.
+            accelerator.print(f"reference: loading through transformers ({why})")
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers holds only a weak reference
+            model = models.load_causal_lm(path, cfg.model)
+    install_response_head(model)
+    engine = deepspeed.initialize(model=models.freeze(model), config=ds_config)[0]
+    engine.eval()  # returns None on a DeepSpeed engine
+    return engine
+
+
+def free_reference(model: torch.nn.Module) -> None:
+    """Releases the reference for good (before the policy is built)."""
+    if hasattr(model, "destroy"):  # a DeepSpeed engine: its hooks and partition buffers
+        model.destroy()
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
-def unpartitioned_loading(accelerator):
+def transformers_zero3_off(accelerator):
     """transformers partitions every model it loads while a ZeRO-3 DeepSpeed config is registered
-    (accelerate's `zero3_init_context_manager(enable=False)` keeps it registered); lift it here."""
+    (accelerate registers the run's for the policy); lifted here, put back after."""
     if zero_stage(accelerator) != 3:
         yield
         return
@@ -146,6 +211,33 @@ def unpartitioned_loading(accelerator):
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def on_main_broadcast(accelerator, compute):
+    """`compute()` on the main process only, its result sent to every rank: expensive work (hashing
+    gigabytes) done once, not once per rank. A UserError there is raised on every rank."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = compute()
+        except UserError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def all_gather_objects(accelerator, items: list) -> list:
+    """Every rank's `items`, concatenated in rank order, on every rank."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
 
 
 def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:

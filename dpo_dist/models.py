@@ -1,7 +1,14 @@
-"""Loading the tokenizer, the policy (full or LoRA) and the frozen reference from local folders."""
+"""Finding and loading the tokenizer, the policy (full or LoRA) and the frozen reference.
+
+A model is a local Hugging Face folder or a hub id (`org/name`, optionally `org/name@revision`),
+resolved through the hub cache: with `HF_HUB_OFFLINE=1`, as on compute nodes, only what is already
+cached is used; online, the weights, config and tokenizer files are downloaded once into it.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 import torch
@@ -10,29 +17,57 @@ from dpo_dist.config import ModelConfig
 from dpo_dist.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$")
+# What a causal LM needs from a hub repo: never the duplicate `original/*.pth` of some repos.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def _check_model_dir(path: str, key: str) -> Path:
-    if not path:
-        raise UserError(f"config: {key} is not set (a Hugging Face model folder)")
-    folder = Path(path)
+@functools.lru_cache(maxsize=None)
+def resolve_model_dir(name: str, key: str) -> Path:
+    """The local folder of `name` (a folder, or a hub id resolved in the hub cache); `key` is the
+    config key it came from, for the error message."""
+    if not name:
+        raise UserError(f"config: {key} is not set (a Hugging Face model folder or hub id)")
+    folder = Path(name).expanduser()
+    if not folder.exists() and HUB_ID.match(name):
+        folder = _snapshot(name, key)
     if not (folder / "config.json").is_file():
-        raise UserError(f"{key}={path}: not a Hugging Face model folder (no config.json there)")
+        raise UserError(f"{key}={name}: not a Hugging Face model folder (no config.json there)")
     return folder
+
+
+def _snapshot(name: str, key: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    repo_id, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{key}={name}: not a local folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"while offline; download it first where there is network: `hf download {repo_id}`"
+        ) from None
+    except (HfHubHTTPError, HFValidationError, OSError) as err:
+        raise UserError(f"{key}={name}: not a local folder, and the hub could not provide it ({err})") from None
 
 
 def reference_path(cfg: ModelConfig) -> Path:
     """The reference is `model.reference`, else the policy's starting weights (with LoRA: the base
     model with adapters disabled, which is the same function)."""
     if cfg.reference:
-        return _check_model_dir(cfg.reference, "model.reference")
-    return _check_model_dir(cfg.policy, "model.policy")
+        return resolve_model_dir(cfg.reference, "model.reference")
+    return policy_path(cfg)
+
+
+def policy_path(cfg: ModelConfig) -> Path:
+    return resolve_model_dir(cfg.policy, "model.policy")
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_check_model_dir(cfg.policy, "model.policy"))
+    tokenizer = AutoTokenizer.from_pretrained(policy_path(cfg))
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -49,14 +84,18 @@ def load_causal_lm(path: Path, cfg: ModelConfig) -> torch.nn.Module:
     return model
 
 
-def load_reference(cfg: ModelConfig) -> torch.nn.Module:
-    model = load_causal_lm(reference_path(cfg), cfg)
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.requires_grad_(False)
     return model.eval()
 
 
+def load_reference(cfg: ModelConfig) -> torch.nn.Module:
+    """The whole reference model (one process, or ZeRO-0/1/2: it fits on a device)."""
+    return freeze(load_causal_lm(reference_path(cfg), cfg))
+
+
 def load_policy(cfg: ModelConfig) -> torch.nn.Module:
-    model = load_causal_lm(_check_model_dir(cfg.policy, "model.policy"), cfg)
+    model = load_causal_lm(policy_path(cfg), cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -7,15 +7,16 @@ never holds the reference in memory. Layout of `ref_cache.dir`:
   {split}-{k:05d}.safetensors   pairs [k·S, (k+1)·S) of the split: index (int64), chosen_logps,
                                 rejected_logps (float32), chosen_tokens, rejected_tokens (int64)
 
-Shards cover fixed ranges of the data and ranks take them round-robin, so the files do not depend
-on the number of processes, and a killed pass resumes by computing only the missing shards (each is
-written to a temp name, then renamed). The manifest is marked complete last, after every rank.
+Shards cover fixed ranges of the data, cut into fixed batches, and ranks take the missing shards
+round-robin, so the files depend neither on the number of processes nor on the ZeRO stage, and a
+killed pass resumes by computing only the missing shards (each is written to a temp name, then
+renamed). The manifest is marked complete last, after every rank. A ZeRO-3 reference is partitioned
+and its forwards are collectives: a rank with fewer batches runs throw-away ones until every rank
+has run as many as the busiest.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dpo_dist import distributed, models
+from dpo_dist import distributed, fingerprint, models
 from dpo_dist.batching import MicroBatch, collate, eval_batches
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
@@ -37,6 +38,7 @@ from dpo_dist.logprobs import sequence_logps
 FORMAT_VERSION = 1
 TENSOR_KEYS = ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
 
 
 @dataclass
@@ -58,7 +60,8 @@ class ResidentReference:
     """The reference model kept in memory and run on every batch (`ref_cache.enabled=false`).
 
     Same scoring function as the cache's, so both give the same numbers; it exists as the
-    baseline the cache is measured against, and for data that changes between epochs.
+    baseline the cache is measured against, and for data that changes between epochs. The model
+    is placed by `distributed.load_reference` (whole on this device, or ZeRO-3 partitioned).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -70,46 +73,23 @@ class ResidentReference:
         return logps[: batch.num_pairs], logps[batch.num_pairs :]
 
     def to(self, device: torch.device | str) -> ResidentReference:
-        self.model.to(device)
         return self
 
 
-def _digest(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode() + b"\0")
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """Hash of what decides the token ids (vocabulary, merges, special tokens, chat template), not
-    of file bytes, so the same tokenizer re-saved elsewhere (e.g. in final/) still matches."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    content = {
-        "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": tokenizer.chat_template,
-        "class": type(tokenizer).__name__,
-    }
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer) -> dict[str, str]:
-    """What the cached numbers depend on, part by part, so a mismatch can say which part changed."""
+    """What the cached numbers depend on, part by part, so a mismatch can say which part changed.
+    Reads the reference weights unless their digests are known: see `run_fingerprint`."""
     ref_dir = models.reference_path(cfg.model)
     weights = sorted(p for p in ref_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
     if not weights:
         raise UserError(f"reference model folder {ref_dir} holds no weight files")
     parts = {
-        "reference weights": _digest(weights),
-        "reference config": _digest([ref_dir / "config.json"]),
-        "tokenizer": tokenizer_digest(tokenizer),
+        "reference weights": fingerprint.digest_of_files(weights),
+        "reference config": fingerprint.digest_of_files([ref_dir / "config.json"]),
+        "tokenizer": fingerprint.tokenizer_digest(tokenizer),
     }
     for name, data in splits.items():
-        parts[f"{name} data files"] = _digest(data.files)
+        parts[f"{name} data files"] = fingerprint.digest_of_files(data.files)
     settings = {
         "max_length": cfg.data.max_length,
         "truncation": cfg.data.truncation,
@@ -121,8 +101,9 @@ def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer)
     return parts
 
 
-def _combined(parts: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+def run_fingerprint(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict[str, str]:
+    """`fingerprint_parts`, computed once on the main process and broadcast to every rank."""
+    return distributed.on_main_broadcast(accelerator, lambda: fingerprint_parts(cfg, splits, tokenizer))
 
 
 def _shard_name(split: str, k: int) -> str:
@@ -161,7 +142,7 @@ def _refuse_if_stale(manifest: dict, parts: dict[str, str], cache_dir: Path) -> 
             f"ref cache {cache_dir} has format_version {manifest.get('format_version')}, this dpo_dist writes "
             f"{FORMAT_VERSION}; rebuild with ref_cache.overwrite=true or use a new ref_cache.dir"
         )
-    if manifest.get("fingerprint") == _combined(parts):
+    if manifest.get("fingerprint") == fingerprint.combined(parts):
         return
     old = manifest.get("fingerprint_parts", {})
     changed = [k for k in sorted(set(parts) | set(old)) if parts.get(k) != old.get(k)]
@@ -194,8 +175,13 @@ def _shard_is_done(path: Path, expected_index: torch.Tensor) -> bool:
         return False
 
 
+def _batches_in(count: int, batch_size: int) -> int:
+    return -(-count // batch_size)
+
+
 def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config, pad_id: int, device):
-    """Reference log-probs of pairs [start, start+count) of `data`, in batches of train.eval_batch_size."""
+    """Reference log-probs of pairs [start, start+count) of `data`, in batches of train.eval_batch_size
+    (fixed by the shard alone, so the numbers do not depend on the process count)."""
     out = {k: [] for k in TENSOR_KEYS}
     for positions, _ in eval_batches(count, cfg.train.eval_batch_size, 1, 0):
         batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode).to(device)
@@ -207,12 +193,24 @@ def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
 
 
+def _missing_shards(plan: list, splits: dict[str, PreferenceData], cache_dir: Path, accelerator) -> list:
+    """The shards of `plan` not yet complete on disk; ranks check disjoint ones, every rank gets
+    the whole list. Call before any rank writes a shard, so all ranks see the same state."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    missing = [
+        i for i, (split, k, start, count) in enumerate(plan)
+        if i % world == rank
+        and not _shard_is_done(cache_dir / _shard_name(split, k), _expected_index(splits[split], start, count))
+    ]
+    return [plan[i] for i in sorted(distributed.all_gather_objects(accelerator, missing))]
+
+
 def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer,
                 parts: dict[str, str]) -> None:
     """Runs the reference pass over the shards this cache still lacks, then frees the reference.
 
     Call after `cache_status(cfg, parts)` (on every rank), which refuses a cache made from anything
-    else; `parts` is this run's `fingerprint_parts`.
+    else; `parts` is this run's `run_fingerprint`.
     """
     cache_dir = cfg.ref_cache_dir
     if accelerator.is_main_process:
@@ -223,32 +221,31 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
             _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, [], complete=False))
     accelerator.wait_for_everyone()
 
+    world, rank = accelerator.num_processes, accelerator.process_index
     plan = _plan(splits, cfg.ref_cache.shard_size)
-    mine = [s for i, s in enumerate(plan) if i % accelerator.num_processes == accelerator.process_index]
-    todo = [
-        s for s in mine
-        if not _shard_is_done(cache_dir / _shard_name(s[0], s[1]), _expected_index(splits[s[0]], s[2], s[3]))
-    ]
-    done = len(mine) - len(todo)
-    print(f"[rank {accelerator.process_index}] reference pass: {len(todo)} shard(s) to compute, "
-          f"{done} already complete", flush=True)
-    if todo:
+    todo = _missing_shards(plan, splits, cache_dir, accelerator)
+    mine = todo[rank::world]
+    print(f"[rank {rank}] reference pass: {len(mine)} shard(s) to compute, "
+          f"{len(plan) - len(todo)} already complete", flush=True)
+    lockstep = distributed.reference_is_partitioned(accelerator)
+    if mine or (lockstep and todo):
         model = distributed.load_reference(cfg, accelerator)
-        bar = tqdm(total=sum(s[3] for s in todo), desc="reference pass", unit="pair",
+        batches = [sum(_batches_in(s[3], cfg.train.eval_batch_size) for s in todo[r::world]) for r in range(world)]
+        fillers = max(batches) - batches[rank] if lockstep else 0
+        bar = tqdm(total=sum(s[3] for s in mine), desc="reference pass", unit="pair",
                    disable=not accelerator.is_local_main_process)
-        for split, k, start, count in todo:
-            tensors = score_shard(model, splits[split], start, count, cfg, tokenizer.pad_token_id,
-                                  accelerator.device)
+        for split, k, start, count in mine:
+            tensors = score_shard(model, splits[split], start, count, cfg, tokenizer.pad_token_id, accelerator.device)
             path = cache_dir / _shard_name(split, k)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             save_file(tensors, tmp)
             os.replace(tmp, path)
             bar.update(count)
         bar.close()
-        del model  # the reference leaves memory for good before any policy is built
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        any_split = next(iter(splits.values()))
+        for _ in range(fillers):  # matches the busiest rank's collective forwards; results unused
+            score_shard(model, any_split, 0, 1, cfg, tokenizer.pad_token_id, accelerator.device)
+        distributed.free_reference(model)  # the reference leaves memory for good before any policy exists
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, plan, complete=True))
@@ -262,7 +259,7 @@ def _expected_index(data: PreferenceData, start: int, count: int) -> torch.Tenso
 def _manifest(parts: dict[str, str], splits: dict[str, PreferenceData], plan: list, complete: bool) -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "fingerprint": _combined(parts),
+        "fingerprint": fingerprint.combined(parts),
         "fingerprint_parts": parts,
         "num_examples": {name: len(data.pairs) for name, data in splits.items()},
         "shards": [
@@ -303,7 +300,7 @@ def load_cache(cfg: Config, splits: dict[str, PreferenceData]) -> dict[str, RefL
 
 def precompute(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> bool:
     """Builds or finishes the cache; returns False when a complete matching one was already there."""
-    parts = fingerprint_parts(cfg, splits, tokenizer)  # hashes the weights: once per run
+    parts = run_fingerprint(cfg, accelerator, splits, tokenizer)
     if not cfg.ref_cache.overwrite and cache_status(cfg, parts) == "complete":
         return False
     build_cache(cfg, accelerator, splits, tokenizer, parts)
@@ -316,7 +313,7 @@ def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData
     if not cfg.ref_cache.enabled:
         reference = ResidentReference(distributed.load_reference(cfg, accelerator))
         return {name: reference for name in splits}
-    parts = fingerprint_parts(cfg, splits, tokenizer)  # hashes the weights: once per run
+    parts = run_fingerprint(cfg, accelerator, splits, tokenizer)
     if cfg.ref_cache.overwrite or cache_status(cfg, parts) != "complete":
         if not cfg.ref_cache.auto:
             raise UserError(

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# File digests remembered by tests stay out of the user's ~/.cache (children inherit this).
+os.environ["DPO_DIST_CACHE_HOME"] = tempfile.mkdtemp(prefix="dpo_dist_digests_")
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the cat sat on a mat while dogs ran far away from home to see some birds fly high over "
