@@ -15,7 +15,8 @@ WORDS = ("the of and to in is was for on that with as by at from this be are or 
          "up its about into than them can only other new some could time these two may then do first").split()
 
 
-def make_data(path: Path, n: int, seed: int = 0) -> Path:
+def make_data(path: Path, n: int, seed: int = 0, prompt_words: tuple[int, int] = (8, 300),
+              response_words: tuple[int, int] = (4, 200)) -> Path:
     """Preference pairs whose prompt and response lengths spread widely (log-uniform), like chat data."""
     rng = random.Random(seed)
 
@@ -26,7 +27,8 @@ def make_data(path: Path, n: int, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": text(8, 300), "chosen": " " + text(4, 200), "rejected": " " + text(4, 200)}) + "\n")
+            f.write(json.dumps({"prompt": text(*prompt_words), "chosen": " " + text(*response_words),
+                                "rejected": " " + text(*response_words)}) + "\n")
     return path
 
 

@@ -99,6 +99,7 @@ def load_partitions(model: torch.nn.Module, stored: dict[str, StoredTensor], ran
         count = max(0, min(part.numel(), param.ds_numel - start))
         with torch.no_grad():
             part[:count].copy_(stored[name].read_flat(start, count))
+            part[count:].zero_()
     for name, buffer in model.named_buffers():
         if name in stored:
             with torch.no_grad():
@@ -118,9 +119,18 @@ def build_partitioned(folder: Path, dtype: torch.dtype, attn_implementation: str
         raise NotSliceable("offload_param to NVMe swaps partitions out as they are made")
     stored = checkpoint_index(folder)  # before building: refuse cheaply
     config = AutoConfig.from_pretrained(folder)
+
+    class PartitionWithoutBroadcast(deepspeed.zero.Init):
+        """zero.Init sends rank 0's value of every new parameter to all ranks so that they agree; here
+        each is overwritten from disk next, so that would send the whole model, unused, through rank 0."""
+
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
     # No random init (every weight is overwritten), RoPE buffers kept in their own dtype (as
     # transformers does under zero.Init), parameters partitioned as each module is created.
-    with initialization.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with initialization.no_init_weights(), prevent_arange_dtype_change(), PartitionWithoutBroadcast(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     load_partitions(model, stored, rank)
     return model

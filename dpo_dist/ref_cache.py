@@ -205,6 +205,26 @@ def _missing_shards(plan: list, splits: dict[str, PreferenceData], cache_dir: Pa
     return [plan[i] for i in sorted(distributed.all_gather_objects(accelerator, missing))]
 
 
+def _reference_pass(cfg: Config, accelerator, splits: dict[str, PreferenceData], shards: list, fillers: int,
+                    pad_id: int) -> None:
+    """Loads the reference, writes `shards`, runs `fillers` throw-away forwards, drops the reference."""
+    model = distributed.load_reference(cfg, accelerator)
+    bar = tqdm(total=sum(s[3] for s in shards), desc="reference pass", unit="pair",
+               disable=not accelerator.is_local_main_process)
+    for split, k, start, count in shards:
+        tensors = score_shard(model, splits[split], start, count, cfg, pad_id, accelerator.device)
+        path = cfg.ref_cache_dir / _shard_name(split, k)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+        bar.update(count)
+    bar.close()
+    any_split = next(iter(splits.values()))
+    for _ in range(fillers):  # as many collective forwards as the busiest rank; results unused
+        score_shard(model, any_split, 0, 1, cfg, pad_id, accelerator.device)
+    distributed.drop_reference(model)
+
+
 def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer,
                 parts: dict[str, str]) -> None:
     """Runs the reference pass over the shards this cache still lacks, then frees the reference.
@@ -229,23 +249,10 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
           f"{len(plan) - len(todo)} already complete", flush=True)
     lockstep = distributed.reference_is_partitioned(accelerator)
     if mine or (lockstep and todo):
-        model = distributed.load_reference(cfg, accelerator)
         batches = [sum(_batches_in(s[3], cfg.train.eval_batch_size) for s in todo[r::world]) for r in range(world)]
         fillers = max(batches) - batches[rank] if lockstep else 0
-        bar = tqdm(total=sum(s[3] for s in mine), desc="reference pass", unit="pair",
-                   disable=not accelerator.is_local_main_process)
-        for split, k, start, count in mine:
-            tensors = score_shard(model, splits[split], start, count, cfg, tokenizer.pad_token_id, accelerator.device)
-            path = cache_dir / _shard_name(split, k)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-            bar.update(count)
-        bar.close()
-        any_split = next(iter(splits.values()))
-        for _ in range(fillers):  # matches the busiest rank's collective forwards; results unused
-            score_shard(model, any_split, 0, 1, cfg, tokenizer.pad_token_id, accelerator.device)
-        distributed.free_reference(model)  # the reference leaves memory for good before any policy exists
+        _reference_pass(cfg, accelerator, splits, mine, fillers, tokenizer.pad_token_id)
+        distributed.release_memory(accelerator.device)  # the reference leaves memory before any policy exists
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, plan, complete=True))

@@ -1,28 +1,60 @@
-"""Launched by test_reference_at_scale.py: runs the real CLI (`dpo-dist ARGS`) and reports, per rank,
-how each reference model that `distributed.load_reference` hands out is held (one line prefixed PROBE)."""
+"""Launched by test_partitioned.py: runs the real CLI (`dpo-dist ARGS`) and reports, per rank, how
+each reference model that `distributed.load_reference` hands out is held, whether any is still alive
+when the policy is built, and how many files this rank hashed for the fingerprint: JSON lines in
+$PROBE_DIR/rank-R.jsonl (a file per rank: lines of two ranks on one stdout can interleave)."""
 
+import gc
 import json
+import os
 import sys
+import weakref
 
-from dpo_dist import cli, distributed
+from dpo_dist import cli, distributed, fingerprint
 
 load_reference = distributed.load_reference
+prepare_policy = distributed.prepare_policy
+sha256_of_file = fingerprint.sha256_of_file
+hashed = []
+references = []
+
+
+def probe(record: dict) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(os.environ["PROBE_DIR"], f"rank-{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"rank": rank, **record}) + "\n")
 
 
 def probing_load_reference(cfg, accelerator):
     model = load_reference(cfg, accelerator)
     params = list(model.parameters())
-    print("PROBE " + json.dumps({
-        "rank": accelerator.process_index,
+    probe({
+        "kind": "reference",
         "engine": type(model).__name__,
         "held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
         "full": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
         "fractions": [p.ds_tensor.numel() / p.ds_numel for p in params if hasattr(p, "ds_tensor") and p.ds_numel > 1000],
         "unpartitioned": sum(not hasattr(p, "ds_tensor") for p in params),
         "requires_grad": sum(p.requires_grad for p in params),
-    }), flush=True)
+    })
+    references.append(weakref.ref(model))
     return model
 
 
+def probing_prepare_policy(*args, **kwargs):
+    gc.collect()
+    probe({"kind": "policy", "references_alive": sum(ref() is not None for ref in references)})
+    return prepare_policy(*args, **kwargs)
+
+
+def counting_sha256_of_file(path):
+    hashed.append(str(path))
+    return sha256_of_file(path)
+
+
 distributed.load_reference = probing_load_reference
-cli.main(sys.argv[1:])
+distributed.prepare_policy = probing_prepare_policy
+fingerprint.sha256_of_file = counting_sha256_of_file
+try:
+    cli.main(sys.argv[1:])
+finally:
+    probe({"kind": "hashes", "files_hashed": len(hashed)})
