@@ -1,11 +1,12 @@
 """Content digests of what a cache was computed from: files (weights, data) and tokenizers.
 
 Hashing a 70B reference reads ~140 GB, so a file is read at most once while it stays unchanged:
-  - a file in the Hugging Face hub cache is a link to `blobs/NAME`, where NAME is already the hash
-    of its content (SHA-256 for weights), so its digest is that name and nothing is read;
+  - a large file in the Hugging Face hub cache is a link to `blobs/SHA256`, named by the SHA-256 of
+    its content, so that name is its digest and nothing is read (the same digest as the same file
+    in a local folder: a cache made from either serves both);
   - any other file's SHA-256 is kept in a sidecar (`DPO_DIST_CACHE_HOME`, default
-    `~/.cache/dpo_dist/file_digests.json`) keyed by its path, size, mtime and inode; a changed file
-    changes one of them and is hashed again.
+    `~/.cache/dpo_dist/file_digests.json`) keyed by its path, size, mtime and inode, as make and
+    rsync trust them; rewriting a file changes its mtime, so it is hashed again.
 Callers hash on one rank and broadcast the result (see `distributed.on_main_broadcast`).
 """
 
@@ -14,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 SIDECAR_NAME = "file_digests.json"
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 def _sidecar_path() -> Path:
@@ -56,15 +59,15 @@ def _stat_key(path: Path) -> list[int]:
 
 
 def file_digests(files: list[Path]) -> dict[str, str]:
-    """Content digest of each file (by its resolved path): a hub blob's name, a sidecar hit, or a
-    fresh SHA-256 (then remembered in the sidecar)."""
+    """SHA-256 of each file (keyed by `str(path)`): a hub blob's name, a sidecar hit, or read and
+    hashed (then remembered in the sidecar)."""
     sidecar = _sidecar_path()
     entries = _read_sidecar(sidecar)
     digests, changed = {}, False
     for path in files:
         real = path.resolve()
-        if real.parent.name == "blobs" and path.is_symlink():
-            digests[str(path)] = f"blob:{real.name}"
+        if path.is_symlink() and real.parent.name == "blobs" and SHA256_NAME.fullmatch(real.name):
+            digests[str(path)] = real.name
             continue
         key = _stat_key(real)
         entry = entries.get(str(real))
