@@ -69,12 +69,14 @@ def test_unsliceable_checkpoints_are_recognised(tiny, tmp_path):
 # --- 2 processes, ZeRO-3 -------------------------------------------------------------------------
 
 
-def probe_launch(args: list[str], port: int, env: dict | None = None):
-    """`dpo-dist ARGS` under zero3_cpu.yaml through tests/ref_probe.py; returns its records."""
+def probe_launch(args: list[str], port: int, env: dict | None = None, torchrun: bool = False):
+    """`dpo-dist ARGS` through tests/ref_probe.py on 2 processes, under zero3_cpu.yaml (or torchrun,
+    DeepSpeed from `distributed.deepspeed`); returns the probe's records."""
     probe_dir = Path(tempfile.mkdtemp(prefix="probe_"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch" / "accelerate" / "zero3_cpu.yaml"), "--main_process_port", str(port),
-           str(REPO / "tests" / "ref_probe.py"), *args]
+    launcher = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)] if torchrun else
+                ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "accelerate" / "zero3_cpu.yaml"),
+                 "--main_process_port", str(port)])
+    cmd = [sys.executable, *launcher, str(REPO / "tests" / "ref_probe.py"), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "PROBE_DIR": str(probe_dir), **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -148,3 +150,18 @@ def test_zero3_resident_reference_is_partitioned_and_matches_the_cache(zero3_set
             if "per_s" not in key:
                 assert value == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), key
     assert lines["resident"][0]["rewards/chosen"] != 0  # policy and reference differ
+
+
+@pytest.mark.slow
+def test_zero3_with_parameter_offload_under_torchrun(zero3_setup):
+    """`offload_param: cpu` in the run's DeepSpeed JSON is honoured by the reference (torchrun path)."""
+    root, base = zero3_setup
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    (root / "offload.json").write_text(json.dumps(ds))
+    records = probe_launch(["precompute", f"output_dir={root / 'offload'}", *base,
+                            f"distributed.deepspeed={root / 'offload.json'}"], 29664, torchrun=True)
+    assert_partitioned(records, "offload_param")
+    _, one = read_cache(root / "one" / "ref_cache")
+    _, offloaded = read_cache(root / "offload" / "ref_cache")
+    assert all(torch.equal(one[name][key], offloaded[name][key]) for name in one for key in one[name])
