@@ -1,4 +1,4 @@
-"""Command line: `dpo-dist {precompute,train,evaluate,demo}` (same as `python -m dpo_dist ...`).
+"""Command line: `dpo-dist {tokenize,precompute,train,evaluate,demo,export}` (same as `python -m dpo_dist ...`).
 
 Parse -> build -> run -> close. A UserError (bad config, data or cache) prints one line and exits
 with code 2; anything else is a bug and keeps its traceback.
@@ -14,6 +14,8 @@ from pathlib import Path
 from dpo_dist.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 COMMANDS = {
+    "tokenize": "Tokenize data.train and data.eval once into the memory-mapped token cache (data.cache_dir), then "
+    "exit; the other commands build it when missing.",
     "precompute": "Reference pass: write the reference log-prob cache for the train and eval data, then exit.",
     "train": "DPO training (reads the reference cache; builds it first when missing and ref_cache.auto).",
     "evaluate": "Preference metrics of model.policy on data.eval (or data.train) against the reference; "
@@ -79,6 +81,12 @@ def run(args: argparse.Namespace) -> None:
             trainer.train()
         finally:
             trainer.close()
+    elif args.command == "tokenize":
+        from dpo_dist.trainer import setup_run
+
+        acc, _, _ = setup_run(cfg)  # prints each split's summary
+        acc.print(f"token cache ready at {cfg.token_cache_dir}")
+        acc.end_training()
     elif args.command == "precompute":
         precompute_command(cfg)
     elif args.command == "evaluate":

@@ -21,8 +21,8 @@ from dpo_dist.errors import UserError
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     if dataclasses.is_dataclass(default):
         return field(default_factory=type(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -54,14 +54,32 @@ class ModelConfig:
 
 
 @dataclass
+class DatasetSource:
+    path: str = _field("", "A hub dataset id (org/name) or a `datasets.save_to_disk` folder.")
+    split: str | None = _field("train", "Its split.")
+    name: str | None = _field(None, "Its configuration (`load_dataset`'s name); null = the default one.")
+
+
+@dataclass
 class DataConfig:
-    train: str | list[str] = _field("", "Training pairs: a .jsonl/.json/.parquet file, a glob, or a list.")
-    eval: str | list[str] | None = _field(None, "Held-out pairs, same forms as `train`; null = no eval.")
+    train: str | list[str] | DatasetSource = _field(
+        "", "Training pairs: a .jsonl/.json/.parquet file, a glob, a folder of them, a `datasets.save_to_disk` "
+        "folder, a list of these, or {path: org/name, split: train, name: CONFIG} for a hub dataset."
+    )
+    eval: str | list[str] | DatasetSource | None = _field(None, "Held-out pairs, same forms as `train`; null = no eval.")
     max_length: int = _field(1024, "Longest prompt+response sequence in tokens.")
     truncation: str = _field(
         "keep_end",
         "Over-long sequences: keep_end (cut the prompt's start), keep_start (cut the response's end) or drop.",
     )
+    columns: dict[str, str] = _field(
+        {}, "Our field names -> the data's, e.g. {prompt: question, chosen: response_j, rejected: response_k}."
+    )
+    chat_template_kwargs: dict[str, Any] = _field({}, "Extra arguments of the chat template (conversational rows).")
+    cache_dir: str | None = _field(
+        None, "Token cache folder (memory-mapped token ids); null = `token_cache` next to the reference cache."
+    )
+    chunk_rows: int = _field(4096, "Rows per tokenization chunk: the unit of work per rank and of the token cache.")
 
 
 @dataclass
@@ -139,6 +157,10 @@ class Config:
     def ref_cache_dir(self) -> Path:
         return Path(self.ref_cache.dir) if self.ref_cache.dir else Path(self.output_dir) / "ref_cache"
 
+    @property
+    def token_cache_dir(self) -> Path:
+        return Path(self.data.cache_dir) if self.data.cache_dir else self.ref_cache_dir.parent / "token_cache"
+
     def validate(self) -> None:
         """Checks across keys that types alone cannot express."""
         choices = {
@@ -157,6 +179,7 @@ class Config:
             "train.log_every": self.train.log_every,
             "train.keep_last": self.train.keep_last,
             "ref_cache.shard_size": self.ref_cache.shard_size,
+            "data.chunk_rows": self.data.chunk_rows,
             "data.max_length": self.data.max_length,
         }
         for key, value in positive.items():
@@ -194,6 +217,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if type(None) in options:
             return None
         raise UserError(f"config: {key} may not be null")
+    if isinstance(value, dict):  # a mapping can only mean a section: its own error names the key
+        options = [o for o in options if _is_dataclass_type(o) or typing.get_origin(o) is dict] or options
     errors = []
     for option in options:
         if option is type(None):
@@ -213,6 +238,11 @@ def _coerce_one(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config: {key} must be a mapping of keys, got {value!r}")
         return _build(tp, value, prefix=f"{key}.")
     origin = typing.get_origin(tp)
+    if origin is dict:
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise UserError(f"config: {key} must be a mapping, got {value!r}")
+        return {str(k): v if value_tp is Any else _coerce_one(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

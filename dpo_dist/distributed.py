@@ -67,11 +67,13 @@ def build_accelerator(cfg: Config):
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # accelerate 1.15 picks no backend for DeepSpeed on a CPU-only machine, and then every rank
-        # believes it is process 0 of 1 while DeepSpeed partitions over all of them. Pick gloo.
-        PartialState(backend="gloo", timeout=timeout.timeout)
     plugin = _deepspeed_plugin(cfg)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate 1.15 picks no backend on a CPU-only machine: with DeepSpeed every rank believes
+        # it is process 0 of 1 while DeepSpeed partitions over all of them; without it the ranks run
+        # as DistributedType.NO (no DDP, barriers that do not wait). gloo, and for plain data
+        # parallel accelerate's MULTI_CPU, which it only picks when told the run is on the CPU.
+        PartialState(cpu=plugin is None, backend="gloo", timeout=timeout.timeout)
     if plugin is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # DeepSpeed always initialises a process group; give a lone process one of size 1.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -102,3 +102,33 @@ def tokenizer_digest(tokenizer) -> str:
 
 def combined(parts: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# --- cache manifests: both caches (reference log-probs, tokens) keep their fingerprint the same way ---
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path, what: str) -> dict | None:
+    """`folder/manifest.json`, None when there is none; a corrupt one is a UserError."""
+    from dpo_dist.errors import UserError
+
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} {path} is corrupt ({err.msg}); delete it or rebuild") from None
+
+
+def changed_parts(manifest: dict, parts: dict[str, str]) -> list[str]:
+    """The fingerprint parts in which `manifest` differs from `parts` ([] when it matches)."""
+    if manifest.get("fingerprint") == combined(parts):
+        return []
+    old = manifest.get("fingerprint_parts", {})
+    return [k for k in sorted(set(parts) | set(old)) if parts.get(k) != old.get(k)] or ["fingerprint"]

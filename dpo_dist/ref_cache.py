@@ -93,6 +93,8 @@ def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer)
     settings = {
         "max_length": cfg.data.max_length,
         "truncation": cfg.data.truncation,
+        "columns": cfg.data.columns,
+        "chat_template_kwargs": cfg.data.chat_template_kwargs,
         "dtype": cfg.model.dtype,
         "forms": {name: data.form for name, data in splits.items()},
         "shard_size": cfg.ref_cache.shard_size,
@@ -120,36 +122,18 @@ def _plan(splits: dict[str, PreferenceData], shard_size: int) -> list[tuple[str,
     return shards
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _read_manifest(cache_dir: Path) -> dict | None:
-    path = cache_dir / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"ref cache {path} is corrupt ({err.msg}); rebuild with ref_cache.overwrite=true") from None
-
-
 def _refuse_if_stale(manifest: dict, parts: dict[str, str], cache_dir: Path) -> None:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"ref cache {cache_dir} has format_version {manifest.get('format_version')}, this dpo_dist writes "
             f"{FORMAT_VERSION}; rebuild with ref_cache.overwrite=true or use a new ref_cache.dir"
         )
-    if manifest.get("fingerprint") == fingerprint.combined(parts):
-        return
-    old = manifest.get("fingerprint_parts", {})
-    changed = [k for k in sorted(set(parts) | set(old)) if parts.get(k) != old.get(k)]
-    raise UserError(
-        f"ref cache {cache_dir} was computed from different {', '.join(changed)} than this run; "
-        "refusing to use it. Rebuild with ref_cache.overwrite=true (or point ref_cache.dir at a new folder)"
-    )
+    changed = fingerprint.changed_parts(manifest, parts)
+    if changed:
+        raise UserError(
+            f"ref cache {cache_dir} was computed from different {', '.join(changed)} than this run; "
+            "refusing to use it. Rebuild with ref_cache.overwrite=true (or point ref_cache.dir at a new folder)"
+        )
 
 
 def _load_shard(path: Path, expected_index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -238,7 +222,7 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
             shutil.rmtree(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         if not (cache_dir / "manifest.json").exists():
-            _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, [], complete=False))
+            fingerprint.write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, [], complete=False))
     accelerator.wait_for_everyone()
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -255,12 +239,12 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
         distributed.release_memory(accelerator.device)  # the reference leaves memory before any policy exists
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, plan, complete=True))
+        fingerprint.write_json_atomic(cache_dir / "manifest.json", _manifest(parts, splits, plan, complete=True))
     accelerator.wait_for_everyone()
 
 
 def _expected_index(data: PreferenceData, start: int, count: int) -> torch.Tensor:
-    return torch.tensor([p.index for p in data.pairs[start : start + count]], dtype=torch.long)
+    return torch.from_numpy(data.pairs.indices[start : start + count].copy())
 
 
 def _manifest(parts: dict[str, str], splits: dict[str, PreferenceData], plan: list, complete: bool) -> dict:
@@ -281,7 +265,7 @@ def cache_status(cfg: Config, parts: dict[str, str]) -> str:
     """'complete' (matches this run's `fingerprint_parts`), 'partial' (same run, pass interrupted)
     or 'missing'. A cache computed from anything else is refused with a UserError saying what differs.
     """
-    manifest = _read_manifest(cfg.ref_cache_dir)
+    manifest = fingerprint.read_manifest(cfg.ref_cache_dir, "ref cache")
     if manifest is None:
         return "missing"
     _refuse_if_stale(manifest, parts, cfg.ref_cache_dir)
@@ -293,7 +277,7 @@ def load_cache(cfg: Config, splits: dict[str, PreferenceData]) -> dict[str, RefL
     cache_dir = cfg.ref_cache_dir
     result = {}
     for name, data in splits.items():
-        size = max(p.index for p in data.pairs) + 1
+        size = int(data.pairs.indices.max()) + 1
         chosen = torch.full((size,), float("nan"))
         rejected = torch.full((size,), float("nan"))
         for _, k, start, count in _plan({name: data}, cfg.ref_cache.shard_size):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dpo_dist import checkpoint, distributed, models
 from dpo_dist.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
 from dpo_dist.config import Config, LossConfig, save_config
-from dpo_dist.data import PreferenceData, load_preference_data
+from dpo_dist.data import PreferenceData, prepare_split
 from dpo_dist.errors import Preempted
 from dpo_dist.logprobs import sequence_logps
 from dpo_dist.losses import LossOutput, PairScores, preference_loss
@@ -29,12 +29,10 @@ from dpo_dist.ref_cache import RefLogps, prepare_reference
 
 
 def load_splits(cfg: Config, tokenizer, accelerator) -> dict[str, PreferenceData]:
-    """Every rank tokenizes on its own (deterministic), so no rank waits at a barrier meanwhile."""
-    splits = {"train": load_preference_data(cfg.data.train, tokenizer, cfg.data.max_length, cfg.data.truncation,
-                                            what="data.train")}
+    """The train (and eval) pairs from the token cache, which the ranks build together when needed."""
+    splits = {"train": prepare_split(cfg, accelerator, "train", cfg.data.train, tokenizer)}
     if cfg.data.eval:
-        splits["eval"] = load_preference_data(cfg.data.eval, tokenizer, cfg.data.max_length, cfg.data.truncation,
-                                              what="data.eval")
+        splits["eval"] = prepare_split(cfg, accelerator, "eval", cfg.data.eval, tokenizer)
     for name, data in splits.items():
         accelerator.print(data.summary(name))
     return splits
