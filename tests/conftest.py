@@ -51,6 +51,33 @@ def chat_rows(n: int, seed: int = 1) -> list[dict]:
     return rows
 
 
+def hh_rows(n: int, seed: int = 2) -> list[dict]:
+    """HH-RLHF style: no prompt; chosen and rejected hold the whole dialogue, the last answer differs."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        history = "".join(f"\n\nHuman: {sentence(rng, 2, 8)}\n\nAssistant: {sentence(rng, 2, 8)}"
+                          for _ in range(rng.randint(0, 2)))
+        history += f"\n\nHuman: {sentence(rng, 2, 10)}\n\nAssistant:"
+        rows.append({"chosen": f"{history} yes {sentence(rng, 1, 12)}", "rejected": f"{history} no {sentence(rng, 1, 6)}"})
+    return rows
+
+
+def dialogue_rows(n: int, seed: int = 3) -> list[dict]:
+    """Message lists with an implicit prompt: system message, multi-turn history, then the answers."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        history = [{"role": "system", "content": sentence(rng, 2, 6)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(0, 2)):
+            history += [{"role": "user", "content": sentence(rng, 2, 8)},
+                        {"role": "assistant", "content": sentence(rng, 2, 8)}]
+        history.append({"role": "user", "content": sentence(rng, 2, 10)})
+        rows.append({"chosen": history + [{"role": "assistant", "content": "yes " + sentence(rng, 1, 12)}],
+                     "rejected": history + [{"role": "assistant", "content": "no " + sentence(rng, 1, 6)}]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -81,8 +108,34 @@ def chat_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(10))
 
 
+@pytest.fixture(scope="session")
+def hh_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "hh.jsonl", hh_rows(10))
+
+
+@pytest.fixture(scope="session")
+def dialogue_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "dialogue.jsonl", dialogue_rows(10))
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300, launcher: list[str] | None = None):
     """Runs `python -m dpo_dist ARGS` (or `LAUNCHER ... -m dpo_dist ARGS`) in a fresh process."""
     cmd = (launcher or [sys.executable]) + ["-m", "dpo_dist", *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def probe_launch(args: list[str], port: int, env: dict | None = None, launcher: str = "zero3_cpu.yaml") -> list[dict]:
+    """`dpo-dist ARGS` through tests/cli_probe.py on 2 processes — under `accelerate launch` with
+    launch/accelerate/LAUNCHER, or "torchrun" (DeepSpeed from `distributed.deepspeed`) — and the
+    records the probe wrote."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="probe_"))
+    start = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+             if launcher == "torchrun" else
+             ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "accelerate" / launcher),
+              "--main_process_port", str(port)])
+    result = subprocess.run([sys.executable, *start, str(REPO / "tests" / "cli_probe.py"), *args],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "PROBE_DIR": str(probe_dir), **(env or {})})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for f in sorted(probe_dir.glob("rank-*.jsonl")) for line in f.read_text().splitlines()]

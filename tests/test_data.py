@@ -113,3 +113,64 @@ def test_cli_reports_bad_data_in_one_line_with_exit_2(tiny, tmp_path, case):
     last = result.stderr.strip().splitlines()[-1]
     assert expected in last and last.startswith("dpo-dist precompute: error:")
     assert "Traceback" not in result.stderr
+
+
+# --- sources, column names, template arguments ---------------------------------------------------
+
+
+def same_pairs(a, b) -> bool:
+    return len(a.pairs) == len(b.pairs) and all(
+        x.index == y.index and x.chosen == y.chosen and x.rejected == y.rejected for x, y in zip(a.pairs, b.pairs))
+
+
+def test_folders_saved_datasets_and_column_names_give_the_same_pairs(tok, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpo_dist.config import DatasetSource
+
+    rows = text_rows(9)
+    reference = load_preference_data(str(write_jsonl(tmp_path / "all.jsonl", rows)), tok, 1024, "keep_end")
+    (tmp_path / "shards").mkdir()
+    for k, start in enumerate(range(0, 9, 4)):  # a folder of parquet shards, read in name order
+        pq.write_table(pa.Table.from_pylist(rows[start:start + 4]), tmp_path / "shards" / f"part-{k}.parquet")
+    assert same_pairs(load_preference_data(str(tmp_path / "shards"), tok, 1024, "keep_end"), reference)
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    saved = load_preference_data(str(tmp_path / "saved"), tok, 1024, "keep_end", chunk_rows=4)
+    assert same_pairs(saved, reference) and saved.files and all(f.suffix == ".arrow" for f in saved.files)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]), "test": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(str(tmp_path / "saved_dict"))
+    picked = load_preference_data(DatasetSource(path=str(tmp_path / "saved_dict"), split="test"), tok, 1024, "keep_end")
+    assert same_pairs(picked, reference)
+    with pytest.raises(UserError, match="holds splits train, test"):
+        load_preference_data(str(tmp_path / "saved_dict"), tok, 1024, "keep_end")
+
+    renamed = [{"question": r["prompt"], "response_j": r["chosen"], "response_k": r["rejected"]} for r in rows]
+    mapped = load_preference_data(str(write_jsonl(tmp_path / "renamed.jsonl", renamed)), tok, 1024, "keep_end",
+                                  columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
+    assert same_pairs(mapped, reference)
+
+
+def test_chat_template_arguments_reach_the_template(tok, tmp_path, chat_file):
+    tok = tok.__class__.from_pretrained(tok.name_or_path)
+    tok.chat_template = "{% if shout %}!{% endif %}" + tok.chat_template
+    plain = load_preference_data(str(chat_file), tok, 1024, "keep_end")
+    shouted = load_preference_data(str(chat_file), tok, 1024, "keep_end", chat_template_kwargs={"shout": True})
+    assert "!" not in tok.decode(plain.pairs[0].chosen.ids)
+    assert tok.decode(shouted.pairs[0].chosen.ids).lstrip("<s>").startswith("!")
+
+
+def test_out_of_vocabulary_ids_name_file_line_and_field(tok, tmp_path):
+    rows = [{"prompt_input_ids": [1, 5], "chosen_input_ids": [6], "rejected_input_ids": [7]},
+            {"prompt_input_ids": [1, 5], "chosen_input_ids": [6], "rejected_input_ids": [len(tok) + 3]}]
+    with pytest.raises(UserError, match=rf"d.jsonl:2: field 'rejected_input_ids' holds token id {len(tok) + 3}, "
+                                        r"outside the tokenizer's vocabulary"):
+        load_preference_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, 64, "keep_end")
+
+
+def test_implicit_prompt_without_a_shared_beginning_is_refused(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "yes it is", "rejected": "no it is not"}])
+    with pytest.raises(UserError, match="d.jsonl:1: chosen and rejected share no beginning"):
+        load_preference_data(str(path), tok, 64, "keep_end")

@@ -44,8 +44,11 @@ def ours(tiny, data_file, tmp_path) -> dict:
     return written
 
 
+FORMS = ["text_file", "chat_file", "hh_file", "dialogue_file"]  # hh / dialogue: implicit prompts
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["text_file", "chat_file"])
+@pytest.mark.parametrize("data", FORMS)
 def test_evaluate_matches_trl(tiny, data, request, tmp_path):
     data_file = request.getfixturevalue(data)
     mine = ours(tiny, data_file, tmp_path)
@@ -56,7 +59,6 @@ def test_evaluate_matches_trl(tiny, data, request, tmp_path):
         assert list(pair.chosen.ids) == row["prompt_ids"] + row["chosen_ids"]
         assert list(pair.rejected.ids) == row["prompt_ids"] + row["rejected_ids"]
         assert pair.chosen.response_start == len(row["prompt_ids"])
-    print({k: (mine.get(k.replace("eval_", "eval/")), v) for k, v in trl.items()})
     for key in ("logps/chosen", "logps/rejected"):
         assert mine[f"eval/{key}"] == pytest.approx(trl[f"eval_{key}"], rel=2e-4), key
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -65,7 +67,7 @@ def test_evaluate_matches_trl(tiny, data, request, tmp_path):
     assert mine["eval/rewards/accuracies"] == pytest.approx(trl["eval_rewards/accuracies"], abs=1e-6)
 
 
-@pytest.mark.parametrize("data", ["text_file", "chat_file"])
+@pytest.mark.parametrize("data", FORMS)
 def test_per_pair_logps_match_plain_forward(tiny, data, request):
     """Per pair, through our tokenization, against an unpadded forward of the same tokens (1e-5)."""
     from dpo_dist.batching import collate

@@ -4,18 +4,13 @@ resident reference, and gives the 1-process numbers."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, run_cli, text_rows, write_jsonl
+from conftest import REPO, probe_launch, run_cli, text_rows, write_jsonl
 from dpo_dist.partitioned import NotSliceable, checkpoint_index, load_partitions
 
 
@@ -67,20 +62,6 @@ def test_unsliceable_checkpoints_are_recognised(tiny, tmp_path):
 
 
 # --- 2 processes, ZeRO-3 -------------------------------------------------------------------------
-
-
-def probe_launch(args: list[str], port: int, env: dict | None = None, torchrun: bool = False):
-    """`dpo-dist ARGS` through tests/ref_probe.py on 2 processes, under zero3_cpu.yaml (or torchrun,
-    DeepSpeed from `distributed.deepspeed`); returns the probe's records."""
-    probe_dir = Path(tempfile.mkdtemp(prefix="probe_"))
-    launcher = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)] if torchrun else
-                ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "accelerate" / "zero3_cpu.yaml"),
-                 "--main_process_port", str(port)])
-    cmd = [sys.executable, *launcher, str(REPO / "tests" / "ref_probe.py"), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu", "PROBE_DIR": str(probe_dir), **(env or {})})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for f in sorted(probe_dir.glob("rank-*.jsonl")) for line in f.read_text().splitlines()]
 
 
 def assert_partitioned(records, kind: str):
@@ -160,7 +141,7 @@ def test_zero3_with_parameter_offload_under_torchrun(zero3_setup):
     ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
     (root / "offload.json").write_text(json.dumps(ds))
     records = probe_launch(["precompute", f"output_dir={root / 'offload'}", *base,
-                            f"distributed.deepspeed={root / 'offload.json'}"], 29664, torchrun=True)
+                            f"distributed.deepspeed={root / 'offload.json'}"], 29664, launcher="torchrun")
     assert_partitioned(records, "offload_param")
     _, one = read_cache(root / "one" / "ref_cache")
     _, offloaded = read_cache(root / "offload" / "ref_cache")

@@ -1,20 +1,28 @@
-"""Launched by test_partitioned.py: runs the real CLI (`dpo-dist ARGS`) and reports, per rank, how
+"""Launched by multi-process tests: runs the real CLI (`dpo-dist ARGS`) and reports, per rank, how
 each reference model that `distributed.load_reference` hands out is held, whether any is still alive
-when the policy is built, and how many files this rank hashed for the fingerprint: JSON lines in
-$PROBE_DIR/rank-R.jsonl (a file per rank: lines of two ranks on one stdout can interleave)."""
+when the policy is built, how many files this rank hashed for the fingerprint, how many rows it
+tokenized, and what the splits it opened hold: JSON lines in $PROBE_DIR/rank-R.jsonl (a file per
+rank: lines of two ranks on one stdout can interleave)."""
 
 import gc
+import hashlib
 import json
 import os
 import sys
 import weakref
 
-from dpo_dist import cli, distributed, fingerprint
+import numpy as np
+
+from dpo_dist import cli, distributed, fingerprint, trainer
+from dpo_dist.data import token_cache
 
 load_reference = distributed.load_reference
 prepare_policy = distributed.prepare_policy
 sha256_of_file = fingerprint.sha256_of_file
+load_splits = trainer.load_splits
+tokenize_rows = token_cache.tokenize_rows
 hashed = []
+tokenized_rows = []
 references = []
 
 
@@ -51,10 +59,28 @@ def counting_sha256_of_file(path):
     return sha256_of_file(path)
 
 
+def counting_tokenize_rows(rows, *args, **kwargs):
+    tokenized_rows.extend(where for where, _ in rows)
+    return tokenize_rows(rows, *args, **kwargs)
+
+
+def probing_load_splits(*args, **kwargs):
+    splits = load_splits(*args, **kwargs)
+    for name, data in splits.items():
+        ids = [part.ids for part in data.pairs.parts]
+        probe({"kind": "split", "split": name, "pairs": len(data.pairs),
+               "ids_sha256": hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in ids)).hexdigest(),
+               "memory_mapped": all(isinstance(a, np.memmap) for a in ids)})
+    return splits
+
+
 distributed.load_reference = probing_load_reference
+trainer.load_splits = probing_load_splits
+token_cache.tokenize_rows = counting_tokenize_rows
 distributed.prepare_policy = probing_prepare_policy
 fingerprint.sha256_of_file = counting_sha256_of_file
 try:
     cli.main(sys.argv[1:])
 finally:
     probe({"kind": "hashes", "files_hashed": len(hashed)})
+    probe({"kind": "tokenized", "rows": tokenized_rows})
