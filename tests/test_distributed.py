@@ -69,7 +69,7 @@ def test_two_processes_split_data_and_zero3_shards_each_parameter(setup, tiny):
 
 
 def test_final_weights_do_not_depend_on_processes_or_split(setup):
-    """Global batch 4 in four ways; fp32 final weights agree to 1e-5."""
+    """Global batch 4 in six ways; fp32 final weights agree to 1e-5."""
     root, base = setup
     steps = ["train.max_steps=4"]
     runs = {
@@ -79,6 +79,8 @@ def test_final_weights_do_not_depend_on_processes_or_split(setup):
                                                    "train.grad_accum=2", launcher=accelerate("zero2_cpu.yaml", 29622)),
         "2 procs ZeRO-3, micro 2 x accum 1": train(root / "d", base, *steps, "train.micro_batch_size=2",
                                                    launcher=accelerate("zero3_cpu.yaml", 29623)),
+        "2 procs plain DDP (ddp_cpu), micro 2": train(root / "f", base, *steps, "train.micro_batch_size=2",
+                                                      launcher=accelerate("ddp_cpu.yaml", 29625)),
         "torchrun 2 procs ZeRO-2, micro 2": train(root / "e", base, *steps, "train.micro_batch_size=2",
                                                   "distributed.deepspeed=ds_configs/zero2_cpu.json",
                                                   launcher=torchrun(29624)),
