@@ -118,8 +118,8 @@ def main() -> None:
                                capture_output=True, text=True, cwd=REPO, check=True)
         opened = json.loads(probe.stdout.strip().splitlines()[-1])
 
-    print(f"\n{args.pairs} text pairs, {opened['tokens'] / args.pairs:.0f} tokens per pair (prompt + both "
-          f"responses), BPE vocabulary 32000, 2 CPU cores; {timestamp()}\n")
+    print(f"\n{args.pairs} text pairs, {opened['tokens'] / args.pairs:.0f} tokens stored per pair "
+          f"(prompt+chosen and prompt+rejected), BPE vocabulary 32000, 2 CPU cores; {timestamp()}\n")
     print("| preparation | pairs/s | wall (s) | peak RSS per rank (MiB) | vs per-row loop |")
     print("|---|---:|---:|---:|---:|")
     print(f"| per-row loop, 3 tokenizer calls per pair (TRL), first {args.loop_pairs} pairs | {loop:.0f} | "

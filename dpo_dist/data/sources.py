@@ -43,7 +43,7 @@ class Source(Protocol):
 
 
 @dataclass
-class JsonlFile:
+class _LocalFile:
     path: Path
 
     @property
@@ -53,6 +53,8 @@ class JsonlFile:
     def files(self) -> list[Path]:
         return [self.path]
 
+
+class JsonlFile(_LocalFile):
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         """Splits lines only: a chunk's JSON is parsed when (and where) it is loaded."""
         lines: list[tuple[int, str]] = []
@@ -76,17 +78,7 @@ class JsonlFile:
         return rows
 
 
-@dataclass
-class JsonFile:
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    def files(self) -> list[Path]:
-        return [self.path]
-
+class JsonFile(_LocalFile):
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         with _reading(self.path):
             try:

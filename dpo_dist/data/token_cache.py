@@ -139,6 +139,13 @@ def _manifest(parts: dict[str, str], settings: TokenSettings, chunks: int, total
             "form": settings.form, "chunks": chunks, **totals, "complete": complete}
 
 
+def _changes(manifest: dict, parts: dict[str, str]) -> list[str]:
+    """What differs between a cache's manifest and this run ([] when it matches)."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return ["format_version"]
+    return fingerprint.changed_parts(manifest, parts)
+
+
 def prepare_split(cfg: Config, accelerator, name: str, spec, tokenizer) -> PreferenceData:
     """The split `name` (`data.train` / `data.eval` = `spec`), from the token cache; the cache is
     built first when it is missing, incomplete or stale (every rank calls this)."""
@@ -149,18 +156,15 @@ def prepare_split(cfg: Config, accelerator, name: str, spec, tokenizer) -> Prefe
         accelerator, lambda: fingerprint_parts(sources, tokenizer, settings, cfg.data.chunk_rows))
     folder = cfg.token_cache_dir / name
     manifest = fingerprint.read_manifest(folder, "token cache")
-    fresh = manifest is not None and manifest.get("format_version") == FORMAT_VERSION and \
-        not fingerprint.changed_parts(manifest, parts)
-    if not (fresh and manifest.get("complete")):
+    changed = [] if manifest is None else _changes(manifest, parts)
+    if manifest is None or changed or not manifest["complete"]:
         accelerator.wait_for_everyone()  # every rank has read the manifest before it changes
         if accelerator.is_main_process:
-            if manifest is not None and not fresh:
-                changed = fingerprint.changed_parts(manifest, parts) if manifest.get("format_version") == \
-                    FORMAT_VERSION else ["format_version"]
+            if changed:
                 print(f"token cache {folder} was built from different {', '.join(changed)}; rebuilding", flush=True)
                 shutil.rmtree(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            if not fresh:
+            if manifest is None or changed:
+                folder.mkdir(parents=True, exist_ok=True)
                 fingerprint.write_json_atomic(folder / "manifest.json", _manifest(parts, settings, 0, {}, False))
         accelerator.wait_for_everyone()
         _build(folder, sources, tokenizer, settings, cfg.data.chunk_rows, parts, accelerator, what)
