@@ -14,7 +14,7 @@ from dpo_dist.logprobs import install_response_head, sequence_logps, token_logps
 
 def naive_logp(model, seq: Sequence) -> float:
     """Sum of log p(token | prefix) over the response tokens of one sequence, no padding, float64."""
-    ids = torch.tensor([seq.ids])
+    ids = torch.as_tensor(seq.ids, dtype=torch.long)[None]
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
