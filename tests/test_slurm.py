@@ -95,10 +95,12 @@ def test_preempted_job_checkpoints_requeues_and_matches(cluster, job_config):
         assert time.time() < deadline, read_log(log)[-4000:]
         state = cluster.job_state(job)
         # Requeueing a running job passes through an ended state (e.g. FAILED for the exit-85
-        # step) before PENDING; only an ended state that lasts means the job is really over.
+        # step) before PENDING; only an ended state that lasts means the job is really over. It
+        # lasted over 30 s once in CI, so Slurm gets two minutes.
         if state in ("FAILED", "CANCELLED", "TIMEOUT"):
             ended_since = ended_since or time.time()
-            assert time.time() - ended_since < 30, f"job {state}:\n{read_log(log)[-4000:]}"
+            assert time.time() - ended_since < 120, (
+                f"job {state}:\n{cluster.run('scontrol', 'show', 'job', job).stdout}\n{read_log(log)[-4000:]}")
         else:
             ended_since = None
         if state == "PENDING" and not released and "requeueing" in read_log(log):
