@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dpo_dist.data import Pair
@@ -60,44 +61,87 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+@dataclass
+class _Segment:
+    """Tokens laid out together: ids with their position ids; response tokens from `response_from`
+    on (relative); `seq`: the sequence (0..2B-1) they score for; `side`: 0 = seen by every later
+    token of the unit, 1 / 2 = the chosen / rejected side of a shared prompt, hidden from each other."""
+
+    ids: np.ndarray
+    first_position: int
+    response_from: int
+    seq: int
+    side: int
+
+
+def _units(pairs: list[Pair], share_prefix: bool) -> list[list[_Segment]]:
+    """What goes into a row contiguously: a sequence alone, or with `share_prefix` a whole pair as
+    [prompt | chosen | last prompt token again | rejected]. The repeated token has the last prompt
+    token's position and sees what that token sees, so its hidden state is the same and it predicts
+    the first rejected token, as the original predicts the first chosen one. Pairs whose prompts
+    differ (truncated differently) or are empty are laid out unshared."""
+    b = len(pairs)
+    units = []
+    for j, pair in enumerate(pairs):
+        chosen, rejected = pair.chosen, pair.rejected
+        p = chosen.response_start
+        if share_prefix and p >= 1 and rejected.response_start == p and np.array_equal(chosen.ids[:p], rejected.ids[:p]):
+            units.append([_Segment(chosen.ids[: p - 1], 0, p, j, 0),
+                          _Segment(chosen.ids[p - 1:], p - 1, 1, j, 1),
+                          _Segment(rejected.ids[p - 1:], p - 1, 1, b + j, 2)])
+        else:
+            # A sequence's first token has no prefix to be scored from, whatever the data says.
+            units += [[_Segment(chosen.ids, 0, max(p, 1), j, 0)],
+                      [_Segment(rejected.ids, 0, max(rejected.response_start, 1), b + j, 0)]]
+    return units
+
+
 def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None,
-            packing: str | None = None) -> MicroBatch:
+            packing: str | None = None, share_prefix: bool = False) -> MicroBatch:
     """packing: None — one sequence per row, padded to the longest; "varlen" — all sequences in
-    one row, no padding, attention bounded by position ids (flash kernels); "block_mask" — sequences
-    bin-packed into rows as long as the longest sequence, with a block-diagonal causal mask (so
-    attention costs ~ rows × longest², like padding, while nearly no padding tokens are computed)."""
-    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    lengths = [len(s.ids) for s in sequences]
+    one row, no padding, attention bounded by position ids (flash kernels); "block_mask" — units
+    bin-packed into rows as long as the longest unit, with a block-diagonal causal mask (so
+    attention costs ~ rows × longest², like padding, while nearly no padding tokens are computed).
+    share_prefix (block_mask only): each pair's prompt is computed once (see `_units`)."""
+    units = _units(pairs, share_prefix and packing == "block_mask")
+    unit_lengths = [sum(len(seg.ids) for seg in unit) for unit in units]
     if packing == "varlen":
-        layout = [list(range(len(sequences)))]
+        layout = [list(range(len(units)))]
     elif packing == "block_mask":
-        layout = pack_rows(lengths, max(lengths))
+        layout = pack_rows(unit_lengths, max(unit_lengths))
     else:
-        layout = [[k] for k in range(len(sequences))]
-    width = max(sum(lengths[k] for k in row) for row in layout)
+        layout = [[u] for u in range(len(units))]
+    width = max(sum(unit_lengths[u] for u in row) for row in layout)
     shape = (len(layout), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     response_mask = torch.zeros(shape, dtype=torch.bool)
     seq_index = torch.full(shape, -1, dtype=torch.long)
+    unit_index = torch.full(shape, -1, dtype=torch.long)
+    side = torch.zeros(shape, dtype=torch.long)
     for r, row in enumerate(layout):
         start = 0
-        for k in row:
-            seq, n = sequences[k], lengths[k]
-            input_ids[r, start : start + n] = torch.tensor(seq.ids)
-            position_ids[r, start : start + n] = torch.arange(n)
-            # A sequence's first token has no prefix to be scored from, whatever the data says.
-            response_mask[r, start + max(seq.response_start, 1) : start + n] = True
-            seq_index[r, start : start + n] = k
-            start += n
+        for u in row:
+            for seg in units[u]:
+                n = len(seg.ids)
+                input_ids[r, start : start + n] = torch.as_tensor(seg.ids)
+                position_ids[r, start : start + n] = torch.arange(seg.first_position, seg.first_position + n)
+                response_mask[r, start + seg.response_from : start + n] = True
+                seq_index[r, start : start + n] = seg.seq
+                unit_index[r, start : start + n] = u
+                side[r, start : start + n] = seg.side
+                start += n
     if packing == "varlen":
         attention_mask = None
     elif packing == "block_mask":
-        # Padding (index -1) attends to padding: no fully masked row, so no NaN in the kernel.
-        same = seq_index[:, :, None] == seq_index[:, None, :]
-        attention_mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
+        # A token sees earlier tokens of its unit that are shared (side 0) or on its own side.
+        # Padding (unit -1) attends to padding: no fully masked row, so no NaN in the kernel.
+        same_unit = unit_index[:, :, None] == unit_index[:, None, :]
+        visible_side = (side[:, None, :] == 0) | (side[:, :, None] == side[:, None, :])
+        attention_mask = (same_unit & visible_side & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
     else:
         attention_mask = (seq_index >= 0).long()
+    lengths = [len(p.chosen.ids) for p in pairs] + [len(p.rejected.ids) for p in pairs]
     return MicroBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,

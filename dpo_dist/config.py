@@ -113,6 +113,11 @@ class TrainConfig:
         "Pack each micro-batch's sequences without padding: one row with varlen attention under flash_attention_2, "
         "else rows as long as the longest sequence with a block-diagonal mask. false = one padded row per sequence.",
     )
+    prefix_sharing: bool = _field(
+        False,
+        "Compute each pair's prompt once: [prompt | chosen | rejected] in one packed unit, the rejected tokens "
+        "hidden from the chosen ones. Needs train.packing with sdpa/eager (a 4-D mask); else ignored, with a note.",
+    )
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
 
 
@@ -152,6 +157,11 @@ class Config:
         if not self.train.packing:
             return None
         return "varlen" if self.model.attn_implementation.startswith("flash_attention") else "block_mask"
+
+    @property
+    def share_prefix(self) -> bool:
+        """Whether batching.collate lays pairs out with one shared prompt (train.prefix_sharing)."""
+        return self.train.prefix_sharing and self.packing_mode == "block_mask"
 
     @property
     def ref_cache_dir(self) -> Path:

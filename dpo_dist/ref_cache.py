@@ -168,7 +168,8 @@ def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config
     (fixed by the shard alone, so the numbers do not depend on the process count)."""
     out = {k: [] for k in TENSOR_KEYS}
     for positions, _ in eval_batches(count, cfg.train.eval_batch_size, 1, 0):
-        batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode).to(device)
+        batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode,
+                        share_prefix=cfg.share_prefix).to(device)
         with torch.no_grad():
             logps, tokens = sequence_logps(model, batch)
         b = batch.num_pairs

@@ -46,6 +46,9 @@ def setup_run(cfg: Config):
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     tokenizer = models.load_tokenizer(cfg.model)
+    if cfg.train.prefix_sharing and not cfg.share_prefix:
+        accelerator.print(f"train.prefix_sharing: not with packing={cfg.packing_mode} (the attention kernel cannot "
+                          "take the shared-prompt mask); sequences are packed unshared")
     return accelerator, tokenizer, load_splits(cfg, tokenizer, accelerator)
 
 
@@ -80,7 +83,8 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
     sums = MetricSums(accelerator.device)
     for positions, weights in eval_batches(len(data.pairs), cfg.train.eval_batch_size,
                                            accelerator.num_processes, accelerator.process_index):
-        batch = collate([data.pairs[p] for p in positions], pad_id, weights, cfg.packing_mode).to(accelerator.device)
+        batch = collate([data.pairs[p] for p in positions], pad_id, weights, cfg.packing_mode,
+                        cfg.share_prefix).to(accelerator.device)
         out, scores = score_batch(model, batch, ref, cfg.loss)
         sums.add(out, scores, batch.weight, pair_tokens(batch))
     model.train(was_training)
@@ -128,7 +132,7 @@ class Trainer:
         for micro_positions, weights in rank_share(positions, acc.num_processes, acc.process_index,
                                                    cfg.train.grad_accum):
             batch = collate([train.pairs[p] for p in micro_positions], self.pad_id, weights,
-                            cfg.packing_mode).to(acc.device)
+                            cfg.packing_mode, cfg.share_prefix).to(acc.device)
             with acc.accumulate(self.model):
                 out, scores = score_batch(self.model, batch, self.ref["train"], cfg.loss)
                 acc.backward((out.losses * batch.weight).sum() * scale)

@@ -165,3 +165,23 @@ def test_pack_rows_fits_every_sequence_once():
     assert sorted(k for row in rows for k in row) == list(range(8))
     assert all(sum(lengths[k] for k in row) <= 9 for row in rows)
     assert len(rows) == 5  # 40 tokens need at least ceil(40 / 9) = 5 rows
+
+
+@pytest.mark.parametrize("data", ["text_file", "chat_file", "hh_file", "dialogue_file"])
+def test_shared_prefix_equals_padded(tiny, data, request):
+    """Each pair's prompt computed once ([prompt | chosen | last prompt token | rejected]) gives the
+    padded batch's log-probs and gradients; pairs truncated to different prompts fall back."""
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = list(load_preference_data(str(request.getfixturevalue(data)), tok, 1024, "keep_end").pairs)
+    pairs += list(load_preference_data(str(request.getfixturevalue(data)), tok, 24, "keep_end").pairs[:3])
+    model = AutoModelForCausalLM.from_pretrained(tiny["reference"])
+    install_response_head(model)
+    shared = collate(pairs, tok.pad_token_id, packing="block_mask", share_prefix=True)
+    unshared = collate(pairs, tok.pad_token_id, packing="block_mask")
+    prompts_once = sum(p.chosen.response_start - 1 for p in pairs[:-3])
+    assert (shared.input_ids != tok.pad_token_id).sum() <= (unshared.input_ids != tok.pad_token_id).sum() - prompts_once
+    a, grad_a = grads_of(model, collate(pairs, tok.pad_token_id))
+    b, grad_b = grads_of(model, shared)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for name in grad_a:
+        torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -60,15 +60,18 @@ def test_same_seed_same_run(demo_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_training_matches_padded(demo_model, tmp_path):
+def test_packed_and_shared_prefix_training_match_padded(demo_model, tmp_path):
     runs = {}
-    for packing in ("false", "true"):
-        out = tmp_path / packing
-        result = run_cli("train", *demo_args(demo_model, out, "train.max_steps=5", "train.log_every=1",
-                                             f"train.packing={packing}", f"ref_cache.dir={tmp_path / 'cache'}",
-                                             "data.eval=null", "train.micro_batch_size=16"))
+    layouts = {"padded": ["train.packing=false"], "packed": ["train.packing=true"],
+               "shared": ["train.packing=true", "train.prefix_sharing=true"]}
+    for name, layout in layouts.items():
+        out = tmp_path / name
+        result = run_cli("train", *demo_args(demo_model, out, "train.max_steps=5", "train.log_every=1", *layout,
+                                             f"ref_cache.dir={tmp_path / 'cache'}", "data.eval=null",
+                                             "train.micro_batch_size=16"))
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[packing] = read_metrics(out)[0]
-    for padded, packed in zip(runs["false"], runs["true"], strict=True):
-        for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
-            assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
+        runs[name] = read_metrics(out)[0]
+    for name in ("packed", "shared"):
+        for padded, other in zip(runs["padded"], runs[name], strict=True):
+            for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+                assert other[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), (name, key)
