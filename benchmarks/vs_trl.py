@@ -1,14 +1,17 @@
 """dpo_dist vs TRL 1.16 DPOTrainer, side by side in one invocation, on the CPU.
 
-    python benchmarks/vs_trl.py [--pairs 96 --batch 8 --repeats 3 --hidden 256 --layers 4]
+    python benchmarks/vs_trl.py [--pairs 96 --batch 8 --repeats 3 --hidden 256 --layers 4 --shape loguniform]
 
-Same locally built Llama, same variable-length pairs (prompt 8-300 words, responses 4-200, log-
-uniform), same global batch, one epoch each, fp32. Runs, interleaved, `--repeats` times:
+Same locally built Llama, same variable-length pairs, same global batch, one epoch each, fp32.
+--shape loguniform: prompt 8-300 words, responses 4-200 (log-uniform); long_prompt: prompt 120-480
+words, responses 40-160 (prompts ~3x the responses, as in multi-turn data). Runs, interleaved,
+`--repeats` times:
   trl           DPOTrainer default: the reference model resident, run every step
   trl_precomp   DPOTrainer with precompute_ref_log_probs=True (its reference pass included)
-  dpo_dist      dpo-dist precompute + train, defaults (packing on; the cache pass included: it is
-                part of epoch 1's cost)
+  dpo_dist      dpo-dist precompute + train with packing, prefix sharing off (the cache pass
+                included: it is part of epoch 1's cost)
   dpo_dist_padded   the same with train.packing=false (one padded row per sequence, as TRL)
+  dpo_dist_shared   the defaults: packing and train.prefix_sharing (each pair's prompt computed once)
 Each run is its own child process; time covers building the trainer through the end of training
 (model loading included for all). Prints a table of medians and writes benchmarks/results.md.
 """
@@ -29,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, make_data, make_model, timestamp  # noqa: E402
 
-MODES = ("trl", "trl_precomp", "dpo_dist", "dpo_dist_padded")
+MODES = ("trl", "trl_precomp", "dpo_dist", "dpo_dist_padded", "dpo_dist_shared")
+SHAPES = {"loguniform": {}, "long_prompt": {"prompt_words": (120, 480), "response_words": (40, 160)}}
 
 
 def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
@@ -49,7 +53,7 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
                   "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
-                  f"train.packing={mode != 'dpo_dist_padded'}"]
+                  f"train.packing={mode != 'dpo_dist_padded'}", f"train.prefix_sharing={mode == 'dpo_dist_shared'}"]
         try:
             main(["precompute", f"output_dir={work / 'pre'}", *common])
             main(["train", f"output_dir={work / 'run'}", *common, f"train.micro_batch_size={batch}",
@@ -90,6 +94,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--shape", choices=SHAPES, default="loguniform")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = make_model(work / "model", args.hidden, args.layers)
-        data = make_data(work / "data.jsonl", args.pairs)
+        data = make_data(work / "data.jsonl", args.pairs, **SHAPES[args.shape])
         tokens = epoch_tokens(model, data, args.max_length)
         runs: dict[str, list[dict]] = {m: [] for m in MODES}
         for r in range(args.repeats):
@@ -137,13 +142,14 @@ def main() -> None:
         table.append(f"| {m} | {pairs_s:.2f} | {tokens_s:.0f} | {mem:.0f} | {pairs_s / base['trl'][0]:.2f}x | "
                      f"{pairs_s / base['trl_precomp'][0]:.2f}x | {mem / base['trl'][1]:.2f}x |")
     header = (f"Llama hidden {args.hidden} x {args.layers} layers (vocab 512), {args.pairs} pairs "
-              f"({tokens} tokens, prompt+response lengths log-uniform), global batch {args.batch}, one epoch, "
+              f"({tokens} tokens, {args.shape} prompt+response lengths), global batch {args.batch}, one epoch, "
               f"fp32, CPU ({os.cpu_count()} cores); median of {args.repeats} interleaved repeats; {timestamp()}.")
     command = (f"python benchmarks/vs_trl.py --pairs {args.pairs} --batch {args.batch} --repeats {args.repeats} "
-               f"--hidden {args.hidden} --layers {args.layers}")
+               f"--hidden {args.hidden} --layers {args.layers} --shape {args.shape}")
     text = "\n".join([header, "", *table, "", f"Command: `{command}`"])
     print("\n" + text)
-    (REPO / "benchmarks" / "results.md").write_text("# dpo_dist vs TRL 1.16 DPOTrainer\n\n" + text + "\n")
+    name = "results.md" if args.shape == "loguniform" else f"results-{args.shape}.md"
+    (REPO / "benchmarks" / name).write_text("# dpo_dist vs TRL 1.16 DPOTrainer\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

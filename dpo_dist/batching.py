@@ -124,7 +124,7 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
         for u in row:
             for seg in units[u]:
                 n = len(seg.ids)
-                input_ids[r, start : start + n] = torch.as_tensor(seg.ids)
+                input_ids[r, start : start + n] = torch.tensor(seg.ids)
                 position_ids[r, start : start + n] = torch.arange(seg.first_position, seg.first_position + n)
                 response_mask[r, start + seg.response_from : start + n] = True
                 seq_index[r, start : start + n] = seg.seq
