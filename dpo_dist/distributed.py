@@ -179,6 +179,7 @@ def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
         try:
             model = build_partitioned(path, models.DTYPES[cfg.model.dtype], cfg.model.attn_implementation, ds_config,
                                       accelerator.process_index)
+            install_response_head(model)  # load_causal_lm below installs it itself
         except NotSliceable as why:
             # transformers' ZeRO-3 loading: still partitioned on the devices, but rank 0 reads
             # the whole checkpoint into host memory first.
@@ -192,7 +193,6 @@ def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
         for module in model.modules():  # and each layer's gathered weights, once it is done with them
             if next(module.parameters(recurse=False), None) is not None:
                 module.register_forward_hook(lambda *_: trim_host_heap(accelerator.device))
-    install_response_head(model)
     engine = deepspeed.initialize(model=models.freeze(model), config=ds_config)[0]
     engine.eval()  # returns None on a DeepSpeed engine
     return engine

@@ -40,7 +40,6 @@ TENSOR_KEYS = ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "reje
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-
 @dataclass
 class RefLogps:
     """Reference log-probs of one split, looked up by pair index."""

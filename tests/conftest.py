@@ -125,16 +125,24 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300, launcher: l
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
 
+def accelerate(config: str, port: int) -> list[str]:
+    """`accelerate launch` with launch/accelerate/CONFIG: the start of a command line."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "launch" / "accelerate" / config), "--main_process_port", str(port)]
+
+
+def torchrun(port: int) -> list[str]:
+    """`torchrun` with 2 processes: the start of a command line."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
 def probe_launch(args: list[str], port: int, env: dict | None = None, launcher: str = "zero3_cpu.yaml") -> list[dict]:
     """`dpo-dist ARGS` through tests/cli_probe.py on 2 processes — under `accelerate launch` with
     launch/accelerate/LAUNCHER, or "torchrun" (DeepSpeed from `distributed.deepspeed`) — and the
     records the probe wrote."""
     probe_dir = Path(tempfile.mkdtemp(prefix="probe_"))
-    start = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-             if launcher == "torchrun" else
-             ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "accelerate" / launcher),
-              "--main_process_port", str(port)])
-    result = subprocess.run([sys.executable, *start, str(REPO / "tests" / "cli_probe.py"), *args],
+    start = torchrun(port) if launcher == "torchrun" else accelerate(launcher, port)
+    result = subprocess.run([*start, str(REPO / "tests" / "cli_probe.py"), *args],
                             capture_output=True, text=True, cwd=REPO, timeout=600,
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "PROBE_DIR": str(probe_dir), **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]

@@ -13,18 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, run_cli, text_rows, write_jsonl
+from conftest import REPO, accelerate, run_cli, text_rows, torchrun, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def accelerate(config: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "launch" / "accelerate" / config), "--main_process_port", str(port)]
-
-
-def torchrun(port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, run_cli, text_rows, write_jsonl
+from conftest import REPO, accelerate, run_cli, text_rows, write_jsonl
 from dpo_dist.config import load_config
 from dpo_dist.data import load_preference_data
 from dpo_dist.errors import UserError
 from dpo_dist.ref_cache import cache_status, fingerprint_parts, load_cache
 from test_logprobs import naive_logp
 
-TWO_PROCS = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-             str(REPO / "launch" / "accelerate" / "ddp_cpu.yaml"), "--main_process_port", "29611"]
+TWO_PROCS = accelerate("ddp_cpu.yaml", 29611)
 
 
 def cache_args(tiny, data_file, out, *extra):
