@@ -34,9 +34,10 @@ def child(head: bool, vocab: int, seq: int, batch: int) -> dict:
     ids = torch.randint(0, vocab, (rows, seq))
     response = torch.zeros(rows, seq, dtype=torch.bool)
     response[:, seq // 2 :] = True
-    batch_ = MicroBatch(ids, torch.ones(rows, seq, dtype=torch.long), torch.arange(seq).repeat(rows, 1), response,
-                        torch.arange(rows)[:, None].repeat(1, seq), torch.full((rows,), seq),
-                        torch.arange(batch), torch.ones(batch))
+    sequence = torch.arange(rows)[:, None].repeat(1, seq)
+    batch_ = MicroBatch(input_ids=ids, position_ids=torch.arange(seq).repeat(rows, 1), response_mask=response,
+                        seq_index=sequence, unit_index=sequence, side=torch.zeros_like(ids),
+                        seq_lengths=torch.full((rows,), seq), index=torch.arange(batch), weight=torch.ones(batch))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     logps, _ = sequence_logps(model, batch_)

@@ -21,29 +21,58 @@ from dpo_dist.data import Pair
 class MicroBatch:
     """The chosen sequences of B pairs, then their rejected sequences, as model inputs.
 
-    Padded: one sequence per row, right-padded to the batch's longest ([2B, L]); attention_mask
-    [2B, L]. Packed: several sequences back to back per row ([rows, T]); position ids restart at
-    each sequence and attention stays inside it — a block-diagonal [rows, 1, T, T] mask, or None
-    where the attention kernel reads sequence boundaries from the position ids (flash varlen).
+    `packing` (see `collate`) says how tokens are laid out and so which attention mask they need:
+    None — one sequence per row, right-padded ([2B, L]); "varlen" — all sequences in one row, no
+    mask (flash kernels read boundaries from the position ids); "block_mask" / "flex" — units
+    bin-packed into rows, attention kept inside a unit (and off the other side of a shared prompt)
+    by a dense 4-D mask or a FlexAttention BlockMask. The mask is built from the layout where the
+    batch is used (`attention_mask`), on its device, never shipped as [rows, T, T] from the host.
     response_mask marks response tokens; seq_index says which sequence (0..2B-1) each token is of
-    (-1 for padding). index, weight: [B].
+    (-1 for padding); unit_index, side: which unit a token belongs to and its side of the prompt
+    (0 shared, 1 chosen, 2 rejected). index, weight: [B].
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     response_mask: torch.Tensor
     seq_index: torch.Tensor
+    unit_index: torch.Tensor
+    side: torch.Tensor
     seq_lengths: torch.Tensor
     index: torch.Tensor
     weight: torch.Tensor
+    packing: str | None = None
 
     @property
     def num_pairs(self) -> int:
         return self.index.numel()
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(*(None if t is None else t.to(device) for t in vars(self).values()))
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return MicroBatch(**moved)
+
+    def attention_mask(self):
+        """What the model's `attention_mask` argument gets for this layout."""
+        if self.packing == "varlen":
+            return None
+        if self.packing is None:
+            return (self.seq_index >= 0).long()
+        unit, side = self.unit_index, self.side
+
+        def visible(b, q, kv):
+            # Earlier tokens of the same unit that are shared (side 0) or on the query's own side.
+            # Padding (unit -1) attends to padding: no fully masked row, so no NaN in the kernel.
+            return (q >= kv) & (unit[b, q] == unit[b, kv]) & ((side[b, kv] == 0) | (side[b, q] == side[b, kv]))
+
+        rows, width = self.input_ids.shape
+        if self.packing == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            return create_block_mask(lambda b, h, q, kv: visible(b, q, kv), rows, None, width, width,
+                                     device=self.input_ids.device, _compile=self.input_ids.device.type != "cpu")
+        positions = torch.arange(width, device=unit.device)
+        return visible(torch.arange(rows, device=unit.device)[:, None, None], positions[None, :, None],
+                       positions[None, None, :])[:, None]
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -99,15 +128,17 @@ def _units(pairs: list[Pair], share_prefix: bool) -> list[list[_Segment]]:
 def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None,
             packing: str | None = None, share_prefix: bool = False) -> MicroBatch:
     """packing: None — one sequence per row, padded to the longest; "varlen" — all sequences in
-    one row, no padding, attention bounded by position ids (flash kernels); "block_mask" — units
-    bin-packed into rows as long as the longest unit, with a block-diagonal causal mask (so
-    attention costs ~ rows × longest², like padding, while nearly no padding tokens are computed).
-    share_prefix (block_mask only): each pair's prompt is computed once (see `_units`)."""
-    units = _units(pairs, share_prefix and packing == "block_mask")
+    one row, no padding, attention bounded by position ids (flash kernels); "block_mask" / "flex" —
+    units bin-packed into rows as long as the longest unit, attention masked to each unit (a dense
+    mask costs ~ rows × longest², like padding; FlexAttention skips the masked-out blocks), while
+    nearly no padding tokens are computed. share_prefix (block_mask, flex): each pair's prompt is
+    computed once (see `_units`)."""
+    masked = packing in ("block_mask", "flex")
+    units = _units(pairs, share_prefix and masked)
     unit_lengths = [sum(len(seg.ids) for seg in unit) for unit in units]
     if packing == "varlen":
         layout = [list(range(len(units)))]
-    elif packing == "block_mask":
+    elif masked:
         layout = pack_rows(unit_lengths, max(unit_lengths))
     else:
         layout = [[u] for u in range(len(units))]
@@ -131,26 +162,18 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
                 unit_index[r, start : start + n] = u
                 side[r, start : start + n] = seg.side
                 start += n
-    if packing == "varlen":
-        attention_mask = None
-    elif packing == "block_mask":
-        # A token sees earlier tokens of its unit that are shared (side 0) or on its own side.
-        # Padding (unit -1) attends to padding: no fully masked row, so no NaN in the kernel.
-        same_unit = unit_index[:, :, None] == unit_index[:, None, :]
-        visible_side = (side[:, None, :] == 0) | (side[:, :, None] == side[:, None, :])
-        attention_mask = (same_unit & visible_side & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
-    else:
-        attention_mask = (seq_index >= 0).long()
     lengths = [len(p.chosen.ids) for p in pairs] + [len(p.rejected.ids) for p in pairs]
     return MicroBatch(
         input_ids=input_ids,
-        attention_mask=attention_mask,
         position_ids=position_ids,
         response_mask=response_mask,
         seq_index=seq_index,
+        unit_index=unit_index,
+        side=side,
         seq_lengths=torch.tensor(lengths, dtype=torch.long),
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
         weight=torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32),
+        packing=packing,
     )
 
 

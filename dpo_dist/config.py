@@ -49,7 +49,9 @@ class ModelConfig:
     )
     lora: LoraConfig | None = _field(None, "LoRA settings; null trains all weights.")
     dtype: str = _field("float32", "Weights dtype: float32, bfloat16 or float16. Log-probs are summed in float32.")
-    attn_implementation: str = _field("sdpa", "transformers attention kernel (sdpa, eager, flash_attention_2).")
+    attn_implementation: str = _field(
+        "sdpa", "transformers attention kernel: sdpa, eager, flex_attention (compiled; skips masked-out blocks; "
+        "trains on GPUs only, PyTorch has no CPU backward) or flash_attention_2.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
 
 
@@ -117,7 +119,8 @@ class TrainConfig:
         True,
         "Compute each pair's prompt once: [prompt | chosen | rejected] in one packed unit, the rejected tokens "
         "hidden from the chosen ones (1.2-1.3x the pairs/s of unshared packing, measured). Needs train.packing "
-        "with sdpa/eager (a 4-D mask); with flash_attention_2 sequences are packed unshared, with a note.",
+        "with sdpa/eager (a 4-D mask) or flex_attention (a block mask); with flash_attention_2 sequences are "
+        "packed unshared, with a note.",
     )
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
 
@@ -154,15 +157,16 @@ class Config:
 
     @property
     def packing_mode(self) -> str | None:
-        """How batching.collate lays sequences out: None (padded), "varlen" or "block_mask"."""
+        """How batching.collate lays sequences out: None (padded), "varlen", "flex" or "block_mask"."""
         if not self.train.packing:
             return None
-        return "varlen" if self.model.attn_implementation.startswith("flash_attention") else "block_mask"
+        attn = self.model.attn_implementation
+        return "varlen" if attn.startswith("flash_attention") else "flex" if attn == "flex_attention" else "block_mask"
 
     @property
     def share_prefix(self) -> bool:
         """Whether batching.collate lays pairs out with one shared prompt (train.prefix_sharing)."""
-        return self.train.prefix_sharing and self.packing_mode == "block_mask"
+        return self.train.prefix_sharing and self.packing_mode in ("block_mask", "flex")
 
     @property
     def ref_cache_dir(self) -> Path:

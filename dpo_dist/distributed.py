@@ -316,6 +316,9 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     """
     from transformers import get_scheduler
 
+    if cfg.model.attn_implementation == "flex_attention" and accelerator.device.type == "cpu":
+        raise UserError("model.attn_implementation=flex_attention cannot train on the CPU (PyTorch has no CPU "
+                        "backward for FlexAttention); use sdpa here (precompute and evaluate run with flex)")
     model = models.load_policy(cfg.model)  # partitioned from load time under ZeRO-3 (zero3_init_flag)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]

@@ -74,6 +74,14 @@ def _response_request(head: torch.nn.Module, targets: torch.Tensor, scored: torc
         head._request = None
 
 
+def _compile_settings(batch: MicroBatch):
+    """PyTorch 2.13's CPU FlexAttention kernel fails to compile once shapes turn dynamic while the
+    mask reads the layout's tensors (C++ codegen error); on the CPU each new shape compiles static."""
+    if batch.packing == "flex" and batch.input_ids.device.type == "cpu":
+        return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+    return contextlib.nullcontext()
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 4) -> torch.Tensor:
     """log softmax(logits)[target] per position in float32, a few rows at a time (fallback path).
 
@@ -99,14 +107,15 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Ten
     targets[:, :-1] = batch.input_ids[:, 1:]
     scored = torch.zeros_like(batch.response_mask)
     scored[:, :-1] = batch.response_mask[:, 1:]
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
                   position_ids=batch.position_ids, use_cache=False)
     head = _find_head(model)
-    if head is not None:
-        with _response_request(head, targets, scored):
-            per_token = model(**inputs).logits
-    else:
-        per_token = token_logps(model(**inputs).logits, targets)
+    with _compile_settings(batch):
+        if head is not None:
+            with _response_request(head, targets, scored):
+                per_token = model(**inputs).logits
+        else:
+            per_token = token_logps(model(**inputs).logits, targets)
     owner = torch.zeros_like(batch.seq_index)
     owner[:, :-1] = batch.seq_index[:, 1:]  # the sequence of the predicted token
     num_seqs = 2 * batch.num_pairs

@@ -87,7 +87,6 @@ def test_pretokenized_used_verbatim_and_batching_invariant(model_and_tokenizer, 
     batch = collate(data.pairs, tok.pad_token_id)
     extra = lambda t, value: torch.cat([t, torch.full((t.shape[0], 7), value, dtype=t.dtype)], 1)  # noqa: E731
     batch.input_ids = extra(batch.input_ids, tok.pad_token_id)
-    batch.attention_mask = extra(batch.attention_mask, 0)
     batch.position_ids = extra(batch.position_ids, 0)
     batch.response_mask = extra(batch.response_mask, False)
     batch.seq_index = extra(batch.seq_index, -1)
@@ -185,3 +184,24 @@ def test_shared_prefix_equals_padded(tiny, data, request):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for name in grad_a:
         torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flex_attention_equals_padded(tiny, text_file, dialogue_file):
+    """FlexAttention with the block mask built from the layout gives the padded batch's log-probs,
+    shared and unshared (forward only: PyTorch has no FlexAttention backward on the CPU; gradients
+    are checked by benchmarks/gpu_check.sh where a GPU is lent)."""
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = [pair for path in (text_file, dialogue_file)
+             for pair in load_preference_data(str(path), tok, 1024, "keep_end").pairs]
+    pairs += list(load_preference_data(str(dialogue_file), tok, 24, "keep_end").pairs[:3])  # prompts differ
+    flex = AutoModelForCausalLM.from_pretrained(tiny["reference"], attn_implementation="flex_attention").eval()
+    install_response_head(flex)
+    plain = AutoModelForCausalLM.from_pretrained(tiny["reference"]).eval()
+    with torch.no_grad():
+        expected, _ = sequence_logps(plain, collate(pairs, tok.pad_token_id))
+        for share_prefix in (True, False):
+            batch = collate(pairs, tok.pad_token_id, packing="flex", share_prefix=share_prefix)
+            mask = batch.attention_mask()
+            assert type(mask).__name__ == "BlockMask" and mask.shape[-1] == batch.input_ids.shape[1]
+            got, _ = sequence_logps(flex, batch)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

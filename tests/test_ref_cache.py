@@ -94,6 +94,22 @@ def test_two_processes_build_the_same_cache(tiny, text_file, built, tmp_path):
             assert torch.equal(one[name][key], two[name][key]), (name, key)
 
 
+def test_flex_attention_reference_pass_equals_sdpa(tiny, text_file, built, tmp_path):
+    """The reference pass through FlexAttention (compiled, shared prompts under a block mask) writes
+    the sdpa cache's numbers; training with it on the CPU is refused in one line."""
+    flex = [*cache_args(tiny, text_file, tmp_path, "ref_cache.shard_size=5"), "model.attn_implementation=flex_attention"]
+    result = run_cli("precompute", *flex)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, sdpa = read_cache(built)
+    _, compiled = read_cache(tmp_path / "ref_cache")
+    for name in sdpa:
+        for key in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(compiled[name][key], sdpa[name][key], rtol=1e-5, atol=1e-5)
+    result = run_cli("train", *flex)
+    assert result.returncode == 2 and "flex_attention cannot train on the CPU" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _splits(cfg):
     tok = AutoTokenizer.from_pretrained(cfg.model.policy)
     return {"train": load_preference_data(cfg.data.train, tok, cfg.data.max_length, cfg.data.truncation)}, tok
