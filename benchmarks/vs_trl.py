@@ -4,10 +4,13 @@
 
 Same locally built Llama, same variable-length pairs, same global batch, one epoch each, fp32.
 --shape loguniform: prompt 8-300 words, responses 4-200 (log-uniform); long_prompt: prompt 120-480
-words, responses 40-160 (prompts ~3x the responses, as in multi-turn data). Runs, interleaved,
-`--repeats` times:
-  trl           DPOTrainer default: the reference model resident, run every step
-  trl_precomp   DPOTrainer with precompute_ref_log_probs=True (its reference pass included)
+words, responses 40-160 (prompts ~3x the responses, as in multi-turn data); short: prompt 8-40,
+responses 4-30 (with --hidden 1024 --layers 8: a weight-bound ~70M model, where peak memory is the
+training state). Runs, interleaved, `--repeats` times:
+  trl           DPOTrainer, the reference model resident and run every step, fp32 without
+                gradient checkpointing (as dpo_dist runs here)
+  trl_defaults  DPOTrainer as configured out of the box: bf16 autocast, gradient checkpointing
+  trl_precomp   DPOTrainer fp32 with precompute_ref_log_probs=True (its reference pass included)
   dpo_dist      dpo-dist precompute + train with packing, prefix sharing off (the cache pass
                 included: it is part of epoch 1's cost)
   dpo_dist_padded   the same with train.packing=false (one padded row per sequence, as TRL)
@@ -32,8 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, make_data, make_model, timestamp  # noqa: E402
 
-MODES = ("trl", "trl_precomp", "dpo_dist", "dpo_dist_padded", "dpo_dist_shared")
-SHAPES = {"loguniform": {}, "long_prompt": {"prompt_words": (120, 480), "response_words": (40, 160)}}
+MODES = ("trl", "trl_defaults", "trl_precomp", "dpo_dist", "dpo_dist_padded", "dpo_dist_shared")
+SHAPES = {"loguniform": {}, "long_prompt": {"prompt_words": (120, 480), "response_words": (40, 160)},
+          "short": {"prompt_words": (8, 40), "response_words": (4, 30)}}
 
 
 def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
@@ -45,7 +49,7 @@ def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
     return sum(p.num_tokens for p in pairs)
 
 
-def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length: int) -> dict:
+def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length: int, device: str, attn: str) -> dict:
     """One timed run in this (fresh) process; returns seconds and peak RSS."""
     start = time.perf_counter()
     if mode.startswith("dpo_dist"):
@@ -53,7 +57,8 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
                   "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
-                  f"train.packing={mode != 'dpo_dist_padded'}", f"train.prefix_sharing={mode == 'dpo_dist_shared'}"]
+                  f"train.packing={mode != 'dpo_dist_padded'}", f"train.prefix_sharing={mode == 'dpo_dist_shared'}",
+                  f"model.attn_implementation={attn}"]
         try:
             main(["precompute", f"output_dir={work / 'pre'}", *common])
             main(["train", f"output_dir={work / 'run'}", *common, f"train.micro_batch_size={batch}",
@@ -67,23 +72,29 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(
-            output_dir=str(work / "trl"), use_cpu=True, report_to=[], per_device_train_batch_size=batch,
+            output_dir=str(work / "trl"), use_cpu=device == "cpu", report_to=[], per_device_train_batch_size=batch,
             num_train_epochs=1, learning_rate=1e-6, logging_steps=1000, save_strategy="no",
             max_length=max_length, precompute_ref_log_probs=mode == "trl_precomp",
             precompute_ref_batch_size=batch, dataloader_num_workers=0, disable_tqdm=True,
             # TRL 1.16 defaults to bf16 and gradient checkpointing; dpo_dist runs fp32 without
-            # recomputation here, so TRL does too (CPU bf16 would make TRL ~10x slower).
-            bf16=False, gradient_checkpointing=False,
+            # recomputation here, so the other TRL runs do too (CPU bf16 makes TRL ~10x slower).
+            bf16=mode == "trl_defaults", gradient_checkpointing=mode == "trl_defaults",
         )
         trainer = DPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model),
-            ref_model=AutoModelForCausalLM.from_pretrained(model),
+            model=AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn),
+            ref_model=AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn),
             args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
             processing_class=AutoTokenizer.from_pretrained(model),
         )
         trainer.train()
     return {"seconds": time.perf_counter() - start,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def main() -> None:
@@ -95,13 +106,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--shape", choices=SHAPES, default="loguniform")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--attn", default="sdpa", help="model.attn_implementation of every run (TRL's too)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.work / "model", args.work / "data.jsonl", args.work,
-                                              args.batch, args.max_length)))
+                                              args.batch, args.max_length, args.device, args.attn)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +131,7 @@ def main() -> None:
                     (run_dir / name).symlink_to(work / name)
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", mode, "--work", str(run_dir), "--batch", str(args.batch),
-                     "--max_length", str(args.max_length)],
+                     "--max_length", str(args.max_length), "--device", args.device, "--attn", args.attn],
                     cwd=REPO, capture_output=True, text=True,
                     env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"},
                 )
@@ -135,20 +148,28 @@ def main() -> None:
         rows.append((m, pairs_s, tokens / med[m]["seconds"], med[m]["peak_mib"]))
     base = {m: (p, mem) for m, p, _, mem in rows}
     table = [
-        "| run | pairs/s | tokens/s | peak RSS (MiB) | pairs/s vs trl | pairs/s vs trl_precomp | memory vs trl |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | pairs/s | tokens/s | peak RSS (MiB) | pairs/s vs trl | pairs/s vs trl_defaults | "
+        "pairs/s vs trl_precomp | memory vs trl | memory vs trl_defaults |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, pairs_s, tokens_s, mem in rows:
         table.append(f"| {m} | {pairs_s:.2f} | {tokens_s:.0f} | {mem:.0f} | {pairs_s / base['trl'][0]:.2f}x | "
-                     f"{pairs_s / base['trl_precomp'][0]:.2f}x | {mem / base['trl'][1]:.2f}x |")
+                     f"{pairs_s / base['trl_defaults'][0]:.2f}x | {pairs_s / base['trl_precomp'][0]:.2f}x | "
+                     f"{mem / base['trl'][1]:.2f}x | {mem / base['trl_defaults'][1]:.2f}x |")
+    where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else torch_device_name()
     header = (f"Llama hidden {args.hidden} x {args.layers} layers (vocab 512), {args.pairs} pairs "
               f"({tokens} tokens, {args.shape} prompt+response lengths), global batch {args.batch}, one epoch, "
-              f"fp32, CPU ({os.cpu_count()} cores); median of {args.repeats} interleaved repeats; {timestamp()}.")
+              f"fp32 (trl_defaults: bf16 autocast, gradient checkpointing), {args.attn}, {where}; "
+              f"median of {args.repeats} interleaved repeats; {timestamp()}.")
     command = (f"python benchmarks/vs_trl.py --pairs {args.pairs} --batch {args.batch} --repeats {args.repeats} "
                f"--hidden {args.hidden} --layers {args.layers} --shape {args.shape}")
+    if (args.device, args.attn) != ("cpu", "sdpa"):
+        command += f" --device {args.device} --attn {args.attn}"
     text = "\n".join([header, "", *table, "", f"Command: `{command}`"])
     print("\n" + text)
     name = "results.md" if args.shape == "loguniform" else f"results-{args.shape}.md"
+    if args.device != "cpu":
+        name = name.replace("results", f"results-{args.device}-{args.attn}")
     (REPO / "benchmarks" / name).write_text("# dpo_dist vs TRL 1.16 DPOTrainer\n\n" + text + "\n")
 
 
