@@ -40,7 +40,7 @@ def logps_and_grads(model_dir: Path, pairs, pad_id: int, attn: str, packing, sha
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).cuda()
     install_response_head(model)
     batch = collate(pairs, pad_id, packing=packing, share_prefix=share).to("cuda")
-    logps, _ = sequence_logps(model, batch)
+    logps = sequence_logps(model, batch).logps
     (logps * torch.linspace(-1, 1, logps.numel(), device="cuda")).sum().backward()
     return logps.detach().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()}
 

@@ -86,9 +86,21 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = _field("sigmoid", "sigmoid (DPO), robust, ipo or hinge.")
+    type: str | list[str] = _field(
+        "sigmoid", "Loss, or a list of losses summed with `weights`: sigmoid (DPO), hinge, ipo, exo_pair, nca_pair, "
+        "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm "
+        "(TRL 1.16's names and formulas; README loss table).")
+    weights: list[float] | None = _field(None, "One weight per loss.type; null = 1 each.")
     beta: float = _field(0.1, "Strength of the KL penalty towards the reference (IPO's tau).")
-    label_smoothing: float = _field(0.0, "Assumed share of flipped labels (cDPO for sigmoid, robust DPO).")
+    label_smoothing: float = _field(
+        0.0, "Assumed share of flipped labels: cDPO (sigmoid), robust, exo_pair (needs > 0), aot, aot_unpaired.")
+    f_divergence_type: str = _field(
+        "reverse_kl", "f-DPO divergence: reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence.")
+    f_alpha_divergence_coef: float = _field(0.5, "alpha of alpha_divergence.")
+    use_weighting: bool = _field(False, "WPO: weight each pair by its responses' per-token probability under the policy.")
+    ld_alpha: float | None = _field(
+        None, "LD-DPO: log-probs = sum over the pair's shared length + ld_alpha x the rest (in [0, 1]); null = off.")
+    discopop_tau: float = _field(0.05, "Temperature of discopop's mixing.")
     rpo_alpha: float | None = _field(None, "Weight of an added NLL loss on the chosen response (RPO); null = off.")
     reference_free: bool = _field(False, "Ignore the reference (its log-probs are taken as 0).")
 
@@ -179,7 +191,6 @@ class Config:
     def validate(self) -> None:
         """Checks across keys that types alone cannot express."""
         choices = {
-            "loss.type": (self.loss.type, ("sigmoid", "robust", "ipo", "hinge")),
             "data.truncation": (self.data.truncation, ("keep_end", "keep_start", "drop")),
             "train.scheduler": (self.train.scheduler, ("cosine", "linear", "constant")),
             "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
@@ -202,10 +213,9 @@ class Config:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
         if self.loss.beta <= 0:
             raise UserError(f"config: loss.beta must be > 0, got {self.loss.beta}")
-        if not 0 <= self.loss.label_smoothing < 0.5:
-            raise UserError(f"config: loss.label_smoothing must be in [0, 0.5), got {self.loss.label_smoothing}")
-        if self.loss.label_smoothing and self.loss.type not in ("sigmoid", "robust"):
-            raise UserError(f"config: loss.label_smoothing applies to sigmoid and robust, not {self.loss.type}")
+        from dpo_dist.losses import check_loss_config
+
+        check_loss_config(self.loss)
         if not 0 <= self.train.warmup_ratio < 1:
             raise UserError(f"config: train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
         if len(self.train.adam_betas) != 2:

@@ -13,6 +13,7 @@ one chunk of logits, not all of them; prompt positions cost no vocabulary projec
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,22 @@ HEAD_FLAG = "_dpo_dist_response_head"
 CHUNK_ROWS = 1024  # positions per vocabulary projection: CHUNK_ROWS × vocab floats at a time
 
 
-def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """log softmax(hidden @ weightᵀ + bias)[target] in float32. hidden [N, H], targets [N] -> [N]."""
-    logits = F.linear(hidden, weight, bias).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _picked_logps(logits: torch.Tensor, targets: torch.Tensor, with_sq: bool) -> torch.Tensor:
+    """log softmax(logits)[target] in float32: [..., V] -> [...]; with_sq: [..., 2], the second
+    column log p(target) − log Σ_v p_v² (WPO's aligned log-prob, Zhou et al. 2024, eq. 2), detached."""
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - norm
+    if not with_sq:
+        return picked
+    with torch.no_grad():
+        aligned = picked - (torch.logsumexp(2 * logits, dim=-1) - 2 * norm)
+    return torch.stack([picked, aligned], dim=-1)
+
+
+def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, with_sq: bool):
+    """`_picked_logps` of hidden @ weightᵀ + bias. hidden [N, H], targets [N] -> [N] (or [N, 2])."""
+    return _picked_logps(F.linear(hidden, weight, bias), targets, with_sq)
 
 
 def install_response_head(model: torch.nn.Module) -> bool:
@@ -43,17 +56,20 @@ def install_response_head(model: torch.nn.Module) -> bool:
         request = getattr(head, "_request", None)
         if request is None:
             return plain_forward(hidden)
-        targets, scored = request  # [rows, L]: the next token; whether it is a response token
+        targets, scored, with_sq = request  # [rows, L]: the next token; whether it is a response token
         selected, selected_targets = hidden[scored], targets[scored]
         parts = []
         for start in range(0, selected.shape[0], CHUNK_ROWS):
             args = (selected[start : start + CHUNK_ROWS], selected_targets[start : start + CHUNK_ROWS],
-                    head.weight, head.bias)
+                    head.weight, head.bias, with_sq)
             # Recomputing the chunk in backward keeps one chunk's logits alive, not all of them.
             parts.append(checkpoint(_target_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else _target_logps(*args))
-        values = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-        return torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, values)
+        tail = (2,) if with_sq else ()
+        values = torch.cat(parts) if parts else hidden.new_zeros((0, *tail), dtype=torch.float32)
+        out = torch.zeros((*scored.shape, *tail), dtype=torch.float32, device=hidden.device)
+        out[scored] = values
+        return out
 
     head.forward = forward  # an instance attribute: hooks (ZeRO-3 gathering) and state_dict unchanged
     setattr(head, HEAD_FLAG, True)
@@ -66,8 +82,8 @@ def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def _response_request(head: torch.nn.Module, targets: torch.Tensor, scored: torch.Tensor):
-    head._request = (targets, scored)
+def _response_request(head: torch.nn.Module, targets: torch.Tensor, scored: torch.Tensor, with_sq: bool):
+    head._request = (targets, scored, with_sq)
     try:
         yield
     finally:
@@ -82,26 +98,45 @@ def _compile_settings(batch: MicroBatch):
     return contextlib.nullcontext()
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 4) -> torch.Tensor:
-    """log softmax(logits)[target] per position in float32, a few rows at a time (fallback path).
-
-    logits: [N, T, V] (any float dtype), targets: [N, T] -> [N, T] float32.
-    """
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.shape[0], rows_per_chunk):
-        chunk = logits[start : start + rows_per_chunk].float()
-        picked = chunk.gather(-1, targets[start : start + rows_per_chunk].unsqueeze(-1)).squeeze(-1)
-        out[start : start + rows_per_chunk] = picked - torch.logsumexp(chunk, dim=-1)
-    return out
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 4,
+                with_sq: bool = False) -> torch.Tensor:
+    """`_picked_logps` per position, a few rows at a time (the path for heads `install_response_head`
+    cannot teach). logits: [N, T, V] (any float dtype), targets: [N, T] -> [N, T] (or [N, T, 2]) float32."""
+    return torch.cat([_picked_logps(logits[start : start + rows_per_chunk], targets[start : start + rows_per_chunk],
+                                    with_sq) for start in range(0, logits.shape[0], rows_per_chunk)])
 
 
-def sequence_logps(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of response-token log-probs per sequence, and the response token count per sequence.
+@dataclass
+class SequenceScores:
+    """Per sequence ([2B]: the B chosen, then the B rejected responses): the summed response-token
+    log-probs; the response token count; the sum over the pair's shared length, the first
+    min(chosen, rejected) response tokens (LD-DPO, Liu et al. 2024); with `wpo`, the mean over the
+    response of log p − log Σ_v p_v² (detached; WPO's weight is its exp)."""
 
-    One forward pass over chosen and rejected sequences together, padded or packed (see
-    batching.collate). Returns ([2B] float32, [2B] int64); sequences 0..B-1 are the chosen
-    responses, B..2B-1 the rejected ones.
-    """
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    shared_logps: torch.Tensor
+    wpo: torch.Tensor | None = None
+
+    def halves(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        value = getattr(self, name)
+        return None if value is None else value.chunk(2)
+
+
+def _rank_in_sequence(owner: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """0, 1, 2, ... along each sequence's scored tokens, given in order (a sequence's tokens are
+    contiguous and ordered in the row-major flattening of any layout of `batching.collate`)."""
+    counts = torch.bincount(owner, minlength=num_seqs)
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(owner, stable=True)
+    rank = torch.empty_like(owner)
+    rank[order] = torch.arange(owner.numel(), device=owner.device) - first[owner[order]]
+    return rank
+
+
+def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False) -> SequenceScores:
+    """Response log-probs per sequence from one forward pass over chosen and rejected sequences
+    together, padded or packed (see batching.collate); sums in float32."""
     # Position t predicts token t+1; it is scored when token t+1 is a response token.
     targets = torch.zeros_like(batch.input_ids)
     targets[:, :-1] = batch.input_ids[:, 1:]
@@ -112,14 +147,23 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Ten
     head = _find_head(model)
     with _compile_settings(batch):
         if head is not None:
-            with _response_request(head, targets, scored):
+            with _response_request(head, targets, scored, wpo):
                 per_token = model(**inputs).logits
         else:
-            per_token = token_logps(model(**inputs).logits, targets)
+            per_token = token_logps(model(**inputs).logits, targets, with_sq=wpo)
     owner = torch.zeros_like(batch.seq_index)
     owner[:, :-1] = batch.seq_index[:, 1:]  # the sequence of the predicted token
+    owner = owner[scored]
+    values = per_token[scored].float()  # [n] or [n, 2]
+    logp = values[:, 0] if wpo else values
     num_seqs = 2 * batch.num_pairs
-    logps = torch.zeros(num_seqs, dtype=torch.float32, device=per_token.device)
-    logps = logps.index_add(0, owner[scored], per_token[scored].float())
-    counts = torch.bincount(owner[scored], minlength=num_seqs)
-    return logps, counts
+    zeros = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
+    tokens = torch.bincount(owner, minlength=num_seqs)
+    shared_length = torch.minimum(*tokens.chunk(2)).repeat(2)
+    in_shared = _rank_in_sequence(owner, num_seqs) < shared_length[owner]
+    return SequenceScores(
+        logps=zeros.index_add(0, owner, logp),
+        tokens=tokens,
+        shared_logps=zeros.index_add(0, owner[in_shared], logp[in_shared]),
+        wpo=zeros.index_add(0, owner, values[:, 1]) / tokens.clamp(min=1) if wpo else None,
+    )

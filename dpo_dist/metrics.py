@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist.losses import LossOutput, PairScores
+from dpo_dist.losses import LossOutput
 
 # Per-pair quantities that are averaged over pairs; `pairs` and `tokens` are plain counts.
 MEAN_KEYS = (
@@ -33,7 +33,7 @@ class MetricSums:
     def __init__(self, device: torch.device | str):
         self.sums = torch.zeros(len(MEAN_KEYS) + len(COUNT_KEYS), dtype=torch.float64, device=device)
 
-    def add(self, out: LossOutput, scores: PairScores, weight: torch.Tensor, tokens: torch.Tensor) -> None:
+    def add(self, out: LossOutput, weight: torch.Tensor, tokens: torch.Tensor) -> None:
         """tokens: non-padding tokens of the micro-batch (prompt included, both responses)."""
         per_pair = torch.stack(
             [
@@ -42,9 +42,9 @@ class MetricSums:
                 out.rejected_rewards,
                 out.chosen_rewards - out.rejected_rewards,
                 (out.chosen_rewards > out.rejected_rewards).float(),
-                scores.policy_chosen.detach(),
-                scores.policy_rejected.detach(),
-                (scores.policy_chosen > scores.policy_rejected).float(),
+                out.chosen_logps,
+                out.rejected_logps,
+                (out.chosen_logps > out.rejected_logps).float(),
             ]
         ).double()
         self.sums[: len(MEAN_KEYS)] += per_pair @ weight.double()

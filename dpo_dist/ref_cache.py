@@ -5,7 +5,9 @@ never holds the reference in memory. Layout of `ref_cache.dir`:
 
   manifest.json                 format_version, fingerprint (+ its parts), num_examples, shards, complete
   {split}-{k:05d}.safetensors   pairs [k·S, (k+1)·S) of the split: index (int64), chosen_logps,
-                                rejected_logps (float32), chosen_tokens, rejected_tokens (int64)
+                                rejected_logps, chosen_shared_logps, rejected_shared_logps (float32:
+                                sums over all response tokens, and over the pair's shared length,
+                                for LD-DPO), chosen_tokens, rejected_tokens (int64)
 
 Shards cover fixed ranges of the data, cut into fixed batches, and ranks take the missing shards
 round-robin, so the files depend neither on the number of processes nor on the ZeRO stage, and a
@@ -33,26 +35,31 @@ from dpo_dist.batching import MicroBatch, collate, eval_batches
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
 from dpo_dist.errors import UserError
-from dpo_dist.logprobs import sequence_logps
+from dpo_dist.logprobs import SequenceScores, sequence_logps
 
-FORMAT_VERSION = 1
-TENSOR_KEYS = ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+FORMAT_VERSION = 2
+TENSOR_KEYS = ("index", "chosen_logps", "rejected_logps", "chosen_shared_logps", "rejected_shared_logps",
+               "chosen_tokens", "rejected_tokens")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
 class RefLogps:
-    """Reference log-probs of one split, looked up by pair index."""
+    """Reference log-probs of one split, looked up by pair index: [max index + 1] float32 each, NaN
+    where no pair has that index; `*_shared`: over the pair's shared length (see SequenceScores)."""
 
-    chosen: torch.Tensor  # [max index + 1] float32, NaN where no pair has that index
+    chosen: torch.Tensor
     rejected: torch.Tensor
+    chosen_shared: torch.Tensor
+    rejected_shared: torch.Tensor
 
-    def for_batch(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_batch(self, batch: MicroBatch) -> SequenceScores:
         index = batch.index.to(self.chosen.device)
-        return self.chosen[index], self.rejected[index]
+        return SequenceScores(logps=torch.cat([self.chosen[index], self.rejected[index]]), tokens=None,
+                              shared_logps=torch.cat([self.chosen_shared[index], self.rejected_shared[index]]))
 
     def to(self, device: torch.device | str) -> RefLogps:
-        return RefLogps(self.chosen.to(device), self.rejected.to(device))
+        return RefLogps(*(t.to(device) for t in vars(self).values()))
 
 
 class ResidentReference:
@@ -67,9 +74,8 @@ class ResidentReference:
         self.model = model
 
     @torch.no_grad()
-    def for_batch(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, _ = sequence_logps(self.model, batch)
-        return logps[: batch.num_pairs], logps[batch.num_pairs :]
+    def for_batch(self, batch: MicroBatch) -> SequenceScores:
+        return sequence_logps(self.model, batch)
 
     def to(self, device: torch.device | str) -> ResidentReference:
         return self
@@ -170,9 +176,11 @@ def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config
         batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode,
                         share_prefix=cfg.share_prefix).to(device)
         with torch.no_grad():
-            logps, tokens = sequence_logps(model, batch)
-        b = batch.num_pairs
-        for key, value in zip(TENSOR_KEYS, (batch.index, logps[:b], logps[b:], tokens[:b], tokens[b:])):
+            scores = sequence_logps(model, batch)
+        (chosen, rejected), (chosen_shared, rejected_shared) = scores.halves("logps"), scores.halves("shared_logps")
+        chosen_tokens, rejected_tokens = scores.halves("tokens")
+        values = (batch.index, chosen, rejected, chosen_shared, rejected_shared, chosen_tokens, rejected_tokens)
+        for key, value in zip(TENSOR_KEYS, values):
             out[key].append(value.cpu())
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
 
@@ -278,14 +286,14 @@ def load_cache(cfg: Config, splits: dict[str, PreferenceData]) -> dict[str, RefL
     result = {}
     for name, data in splits.items():
         size = int(data.pairs.indices.max()) + 1
-        chosen = torch.full((size,), float("nan"))
-        rejected = torch.full((size,), float("nan"))
+        keys = ("chosen_logps", "rejected_logps", "chosen_shared_logps", "rejected_shared_logps")
+        columns = [torch.full((size,), float("nan")) for _ in keys]
         for _, k, start, count in _plan({name: data}, cfg.ref_cache.shard_size):
             index = _expected_index(data, start, count)
             tensors = _load_shard(cache_dir / _shard_name(name, k), index)
-            chosen[index] = tensors["chosen_logps"]
-            rejected[index] = tensors["rejected_logps"]
-        result[name] = RefLogps(chosen, rejected)
+            for column, key in zip(columns, keys):
+                column[index] = tensors[key]
+        result[name] = RefLogps(*columns)
     return result
 
 

@@ -22,8 +22,8 @@ from dpo_dist.batching import MicroBatch, StepPlan, collate, eval_batches, rank_
 from dpo_dist.config import Config, LossConfig, save_config
 from dpo_dist.data import PreferenceData, prepare_split
 from dpo_dist.errors import Preempted
-from dpo_dist.logprobs import sequence_logps
-from dpo_dist.losses import LossOutput, PairScores, preference_loss
+from dpo_dist.logprobs import SequenceScores, sequence_logps
+from dpo_dist.losses import LossOutput, PairScores, couples_pairs, preference_loss
 from dpo_dist.metrics import MetricsLogger, MetricSums
 from dpo_dist.ref_cache import RefLogps, prepare_reference
 
@@ -52,21 +52,10 @@ def setup_run(cfg: Config):
     return accelerator, tokenizer, load_splits(cfg, tokenizer, accelerator)
 
 
-def score_batch(model, batch: MicroBatch, ref: RefLogps, loss_cfg: LossConfig) -> tuple[LossOutput, PairScores]:
+def score_batch(model, batch: MicroBatch, ref, loss_cfg: LossConfig, sft_scale: float | None = None) -> LossOutput:
     """Policy log-probs of one micro-batch, its reference log-probs (cache or resident), and the loss."""
-    logps, tokens = sequence_logps(model, batch)
-    b = batch.num_pairs
-    ref_chosen, ref_rejected = ref.for_batch(batch)
-    scores = PairScores(logps[:b], logps[b:], ref_chosen, ref_rejected, tokens[:b], tokens[b:])
-    out = preference_loss(
-        scores,
-        loss_type=loss_cfg.type,
-        beta=loss_cfg.beta,
-        label_smoothing=loss_cfg.label_smoothing,
-        rpo_alpha=loss_cfg.rpo_alpha,
-        reference_free=loss_cfg.reference_free,
-    )
-    return out, scores
+    policy = sequence_logps(model, batch, wpo=loss_cfg.use_weighting)
+    return preference_loss(PairScores(policy, ref.for_batch(batch)), loss_cfg, sft_scale)
 
 
 def pair_tokens(batch: MicroBatch) -> torch.Tensor:
@@ -85,11 +74,15 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
                                            accelerator.num_processes, accelerator.process_index):
         batch = collate([data.pairs[p] for p in positions], pad_id, weights, cfg.packing_mode,
                         cfg.share_prefix).to(accelerator.device)
-        out, scores = score_batch(model, batch, ref, cfg.loss)
-        sums.add(out, scores, batch.weight, pair_tokens(batch))
+        out = score_batch(model, batch, ref, cfg.loss)
+        sums.add(out, batch.weight, pair_tokens(batch))
     model.train(was_training)
     values = sums.reduce(accelerator)
     return {f"eval/{k}": v for k, v in values.items() if k != "tokens"}
+
+
+def _rows_of(out: LossOutput, rows: torch.Tensor) -> LossOutput:
+    return LossOutput(*(value.detach()[rows] for value in vars(out).values()))
 
 
 class Trainer:
@@ -124,26 +117,99 @@ class Trainer:
         """One optimizer step over the global batch `positions`; returns the gradient norm."""
         acc, cfg = self.accelerator, self.cfg
         train = self.splits["train"]
-        # Each rank's backward gets sum(loss) · world · accum / pairs-in-step: after DeepSpeed/DDP
-        # divide by accum and average over ranks, the gradient is that of the mean loss over all
-        # pairs of the step, also when the last step of an epoch is short.
-        scale = acc.num_processes * cfg.train.grad_accum / len(positions)
+        shares = rank_share(positions, acc.num_processes, acc.process_index, cfg.train.grad_accum)
+        batches = [collate([train.pairs[p] for p in micro_positions], self.pad_id, weights, cfg.packing_mode,
+                           cfg.share_prefix) for micro_positions, weights in shares]
+        # Each rank's backward gets d(mean loss over the step's pairs) · world · accum: after
+        # DeepSpeed/DDP divide by accum and average over ranks, the gradient is that of the mean
+        # loss over all pairs of the step, also when the last step of an epoch is short.
+        scale = acc.num_processes * cfg.train.grad_accum
+        if couples_pairs(cfg.loss):
+            objectives = self._coupled_objectives(positions, batches, sums)
+        else:
+            objectives = self._pairwise_objectives(positions, batches, sums)
         grad_norm = None
-        for micro_positions, weights in rank_share(positions, acc.num_processes, acc.process_index,
-                                                   cfg.train.grad_accum):
-            batch = collate([train.pairs[p] for p in micro_positions], self.pad_id, weights,
-                            cfg.packing_mode, cfg.share_prefix).to(acc.device)
+        for batch, objective in zip(batches, objectives):
             with acc.accumulate(self.model):
-                out, scores = score_batch(self.model, batch, self.ref["train"], cfg.loss)
-                acc.backward((out.losses * batch.weight).sum() * scale)
+                acc.backward(objective(batch.to(acc.device)) * scale)
                 if acc.sync_gradients:
                     max_norm = cfg.train.max_grad_norm or float("inf")
                     norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                     grad_norm = None if norm is None else float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
-            sums.add(out, scores, batch.weight, pair_tokens(batch))
         return grad_norm
+
+    def _pairwise_objectives(self, positions: list[int], batches: list[MicroBatch], sums: MetricSums):
+        """Losses of one pair at a time: each micro-batch's part of the step's mean loss. The SFT
+        term's token mean is over the whole step, whose token count the data already tells."""
+        train, cfg = self.splits["train"], self.cfg
+        sft_scale = len(positions) / max(sum(train.pairs[p].chosen.scored_tokens for p in positions), 1)
+
+        def objective(batch: MicroBatch) -> torch.Tensor:
+            out = score_batch(self.model, batch, self.ref["train"], cfg.loss, sft_scale)
+            sums.add(out, batch.weight, pair_tokens(batch))
+            return (out.losses * batch.weight).sum() / len(positions)
+
+        return [objective] * len(batches)
+
+    def _coupled_objectives(self, positions: list[int], batches: list[MicroBatch], sums: MetricSums):
+        """Losses that look across the step's pairs (aot sorts them) on the global batch, whatever
+        the process count and micro-batching: a no-grad forward of every micro-batch gives each
+        pair's scores; gathered from all ranks, the step's loss is computed once, and its gradient
+        with respect to each pair's policy log-probs becomes the weights of a linear objective that
+        the micro-batches' forward-with-grad passes back through the model (exact, as the chain rule)."""
+        acc, cfg = self.accelerator, self.cfg
+        rows = []
+        with torch.no_grad():
+            for batch in batches:
+                batch = batch.to(acc.device)
+                policy = sequence_logps(self.model, batch, wpo=cfg.loss.use_weighting)
+                ref = self.ref["train"].for_batch(batch)
+                wpo = policy.wpo if policy.wpo is not None else torch.zeros_like(policy.logps)
+                columns = [policy.logps, policy.shared_logps, policy.tokens.float(), wpo, ref.logps, ref.shared_logps]
+                rows.append(torch.cat([torch.stack([c[: batch.num_pairs] for c in columns], 1),
+                                       torch.stack([c[batch.num_pairs:] for c in columns], 1),
+                                       batch.weight.to(acc.device)[:, None]], 1))
+        local = torch.cat(rows)
+        width = max(sum(len(part) for part, _ in rank_share(positions, acc.num_processes, r, cfg.train.grad_accum))
+                    for r in range(acc.num_processes))
+        padded = torch.cat([local, local.new_zeros(width - len(local), local.shape[1])])
+        everyone = acc.gather(padded) if acc.num_processes > 1 else padded
+        real = everyone[:, -1] > 0
+        pairs = everyone[real]
+        policy_logps = torch.cat([pairs[:, 0], pairs[:, 6]]).requires_grad_()
+        policy_shared = torch.cat([pairs[:, 1], pairs[:, 7]]).requires_grad_()
+        scores = PairScores(
+            SequenceScores(policy_logps, torch.cat([pairs[:, 2], pairs[:, 8]]).long(), policy_shared,
+                           torch.cat([pairs[:, 3], pairs[:, 9]])),
+            SequenceScores(torch.cat([pairs[:, 4], pairs[:, 10]]), None, torch.cat([pairs[:, 5], pairs[:, 11]])),
+        )
+        out = preference_loss(scores, cfg.loss)
+        total_grad, shared_grad = torch.autograd.grad(out.losses.mean(), [policy_logps, policy_shared],
+                                                      allow_unused=True, materialize_grads=True)
+        n = len(pairs)
+        # Per pair of `everyone`: d(step loss)/d(log-prob), [rows, 4]: chosen, rejected, their shared parts.
+        grads = everyone.new_zeros(len(everyone), 4)
+        grads[real] = torch.stack([total_grad[:n], total_grad[n:], shared_grad[:n], shared_grad[n:]], 1)
+        start = acc.process_index * width
+        mine = grads[start : start + len(local)]
+        in_step = torch.cumsum(real.long(), 0) - 1  # row of `everyone` -> its place among the step's pairs
+        place = in_step[start : start + len(local)]
+        kept = local[:, -1] > 0
+        sums.add(_rows_of(out, place[kept]), local[kept, -1], sum(pair_tokens(b) for b in batches))
+
+        offsets = torch.cumsum(torch.tensor([0] + [b.num_pairs for b in batches]), 0).tolist()
+
+        def objective_for(k: int):
+            def objective(batch: MicroBatch) -> torch.Tensor:
+                policy = sequence_logps(self.model, batch)
+                g = mine[offsets[k] : offsets[k + 1]]
+                return ((torch.cat([g[:, 0], g[:, 1]]) * policy.logps).sum()
+                        + (torch.cat([g[:, 2], g[:, 3]]) * policy.shared_logps).sum())
+            return objective
+
+        return [objective_for(k) for k in range(len(batches))]
 
     def evaluate(self) -> dict:
         return evaluate_policy(self.model, self.splits["eval"], self.ref["eval"], self.cfg, self.accelerator,

@@ -3,6 +3,7 @@ invariance, sharded checkpoints with exact resume after SIGKILL, HF export, LoRA
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,3 +199,44 @@ def test_lora_under_zero(setup, tiny, config, port):
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss,port", [("[aot, sft]", 29626), ("bco_pair", 29627)])
+def test_batch_losses_do_not_depend_on_processes_or_split(setup, tiny, loss, port):
+    """aot sorts the step's pairs: computed over the global batch, it gives the same weights for
+    one process or two (ZeRO-2) and any micro-batching; so does bco_pair. (A reference other than
+    the policy, so that sorting within each micro-batch instead would change the result.)"""
+    root, base = setup
+    # Responses of equal length, so that log-ratio order is not set by length alone.
+    rows = [{**row, "rejected": " " + " ".join(reversed(row["chosen"].split()))} for row in text_rows(30, seed=11)]
+    data = write_jsonl(root / "same_lengths.jsonl", rows)
+    # lr 1e-4: Adam turns rounding noise in near-zero gradients into steps of ~lr.
+    args = [*base, f"data.train={data}", "train.max_steps=3", "train.lr=1e-4", f"loss.type={loss}",
+            f"model.reference={tiny['reference']}", f"ref_cache.dir={root / 'cache_other_reference'}",
+            "loss.weights=null" if "," not in loss else "loss.weights=[1.0, 0.3]"]
+    name = loss.strip("[]").replace(", ", "_")
+    whole = train(root / f"{name}-a", args, "train.micro_batch_size=4")
+    runs = {
+        "1 proc, micro 1 x accum 4": train(root / f"{name}-b", args, "train.micro_batch_size=1", "train.grad_accum=4"),
+        "2 procs ZeRO-2, micro 1 x accum 2": train(root / f"{name}-c", args, "train.micro_batch_size=1",
+                                                   "train.grad_accum=2", launcher=accelerate("zero2_cpu.yaml", port)),
+    }
+    for run, weights in runs.items():
+        for key in whole:
+            torch.testing.assert_close(weights[key], whole[key], rtol=0, atol=1e-5, msg=f"{run}: {key}")
+    losses = [[json.loads(line)["loss"] for line in (root / f"{name}-{k}" / "metrics.jsonl").read_text().splitlines()]
+              for k in "ac"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_bco_pair_resumes_exactly(setup):
+    root, base = setup
+    args = [*base, "loss.type=bco_pair", "train.micro_batch_size=2", "train.max_steps=6", "train.save_every=3"]
+    straight = train(root / "bco-straight", args)
+    out = root / "bco-resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / "bco-straight" / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
+    (out / "checkpoints" / "latest").write_text("step-000003\n")
+    resumed = train(out, args, "resume=auto")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)

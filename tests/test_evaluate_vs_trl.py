@@ -78,7 +78,7 @@ def test_per_pair_logps_match_plain_forward(tiny, data, request):
     for path in (tiny["policy"], tiny["reference"]):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         with torch.no_grad():
-            logps, _ = sequence_logps(model, collate(pairs, tok.pad_token_id))
+            logps = sequence_logps(model, collate(pairs, tok.pad_token_id)).logps
         for i, pair in enumerate(pairs):
             assert logps[i].item() == pytest.approx(naive_logp(model, pair.chosen), rel=1e-5)
             assert logps[len(pairs) + i].item() == pytest.approx(naive_logp(model, pair.rejected), rel=1e-5)

@@ -12,18 +12,21 @@ from dpo_dist.data import Sequence, load_preference_data
 from dpo_dist.logprobs import install_response_head, sequence_logps, token_logps
 
 
-def naive_logp(model, seq: Sequence) -> float:
-    """Sum of log p(token | prefix) over the response tokens of one sequence, no padding, float64."""
+def naive_logp(model, seq: Sequence, first: int | None = None) -> float:
+    """Sum of log p(token | prefix) over the response tokens of one sequence (only its `first`
+    ones if given), no padding, float64."""
     ids = torch.as_tensor(seq.ids, dtype=torch.long)[None]
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
-    return sum(logp[t - 1, seq.ids[t]].item() for t in range(max(seq.response_start, 1), len(seq.ids)))
+    positions = range(max(seq.response_start, 1), len(seq.ids))
+    return sum(logp[t - 1, seq.ids[t]].item() for t in list(positions)[:first])
 
 
 def scored(model, pairs, pad_id):
     with torch.no_grad():
-        logps, tokens = sequence_logps(model, collate(pairs, pad_id))
+        scores = sequence_logps(model, collate(pairs, pad_id))
+        logps, tokens = scores.logps, scores.tokens
     b = len(pairs)
     return logps[:b], logps[b:], tokens[:b], tokens[b:]
 
@@ -91,7 +94,7 @@ def test_pretokenized_used_verbatim_and_batching_invariant(model_and_tokenizer, 
     batch.response_mask = extra(batch.response_mask, False)
     batch.seq_index = extra(batch.seq_index, -1)
     with torch.no_grad():
-        padded, _ = sequence_logps(model, batch)
+        padded = sequence_logps(model, batch).logps
     torch.testing.assert_close(padded, torch.cat(full[:2]), rtol=1e-6, atol=1e-5)
 
 
@@ -102,7 +105,7 @@ def text_pairs(model_and_tokenizer, text_file):
 
 def grads_of(model, batch):
     model.zero_grad()
-    logps, _ = sequence_logps(model, batch)
+    logps = sequence_logps(model, batch).logps
     (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
     return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -198,10 +201,35 @@ def test_flex_attention_equals_padded(tiny, text_file, dialogue_file):
     install_response_head(flex)
     plain = AutoModelForCausalLM.from_pretrained(tiny["reference"]).eval()
     with torch.no_grad():
-        expected, _ = sequence_logps(plain, collate(pairs, tok.pad_token_id))
+        expected = sequence_logps(plain, collate(pairs, tok.pad_token_id)).logps
         for share_prefix in (True, False):
             batch = collate(pairs, tok.pad_token_id, packing="flex", share_prefix=share_prefix)
             mask = batch.attention_mask()
             assert type(mask).__name__ == "BlockMask" and mask.shape[-1] == batch.input_ids.shape[1]
-            got, _ = sequence_logps(flex, batch)
+            got = sequence_logps(flex, batch).logps
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packing,share_prefix", [(None, False), ("block_mask", False), ("block_mask", True)])
+def test_shared_length_and_wpo_terms_match_naive(tiny, dialogue_file, packing, share_prefix):
+    """LD-DPO's sum over the pair's shared length and WPO's mean of log p − log Σp², from the
+    response-only head on every layout, against a plain forward with full logits."""
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = list(load_preference_data(str(dialogue_file), tok, 1024, "keep_end").pairs)
+    model = AutoModelForCausalLM.from_pretrained(tiny["reference"]).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny["reference"]).eval()
+    install_response_head(model)
+    with torch.no_grad():
+        got = sequence_logps(model, collate(pairs, tok.pad_token_id, packing=packing, share_prefix=share_prefix),
+                             wpo=True)
+    b = len(pairs)
+    for j, pair in enumerate(pairs):
+        shared = min(pair.chosen.scored_tokens, pair.rejected.scored_tokens)
+        for k, seq in ((j, pair.chosen), (b + j, pair.rejected)):
+            assert got.shared_logps[k].item() == pytest.approx(naive_logp(plain, seq, shared), rel=1e-5)
+            ids = torch.as_tensor(seq.ids, dtype=torch.long)
+            with torch.no_grad():
+                logits = plain(input_ids=ids[None]).logits[0].double()
+            logp = torch.log_softmax(logits, -1)
+            aligned = [logp[t - 1, ids[t]] - torch.log((logp[t - 1].exp() ** 2).sum()) for t in range(seq.response_start, len(ids))]
+            assert got.wpo[k].item() == pytest.approx(torch.stack(aligned).mean().item(), rel=1e-5)

@@ -44,7 +44,7 @@ def built(tiny, text_file, tmp_path_factory):
 
 def test_cache_layout_and_values_match_plain_forward(tiny, text_file, built):
     manifest, shards = read_cache(built)
-    assert manifest["complete"] and manifest["format_version"] == 1 and manifest["num_examples"] == {"train": 12}
+    assert manifest["complete"] and manifest["format_version"] == 2 and manifest["num_examples"] == {"train": 12}
     assert set(manifest["fingerprint_parts"]) >= {"reference weights", "tokenizer", "train data files",
                                                   "preprocessing settings"}
     tok = AutoTokenizer.from_pretrained(tiny["policy"])
@@ -57,6 +57,9 @@ def test_cache_layout_and_values_match_plain_forward(tiny, text_file, built):
         assert rows["chosen_logps"][i].item() == pytest.approx(naive_logp(ref, pair.chosen), rel=1e-5)
         assert rows["rejected_logps"][i].item() == pytest.approx(naive_logp(ref, pair.rejected), rel=1e-5)
         assert rows["chosen_tokens"][i] == pair.chosen.response_tokens
+        shared = min(pair.chosen.response_tokens, pair.rejected.response_tokens)  # LD-DPO's shared length
+        assert rows["chosen_shared_logps"][i].item() == pytest.approx(naive_logp(ref, pair.chosen, shared), rel=1e-5)
+        assert rows["rejected_shared_logps"][i].item() == pytest.approx(naive_logp(ref, pair.rejected, shared), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -27,6 +27,11 @@ class Sequence:
     def response_tokens(self) -> int:
         return len(self.ids) - self.response_start
 
+    @property
+    def scored_tokens(self) -> int:
+        """Response tokens that get a log-prob: a sequence's first token has no prefix to predict it."""
+        return len(self.ids) - max(self.response_start, 1)
+
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Sequence) and self.response_start == other.response_start
                 and np.array_equal(self.ids, other.ids))
