@@ -135,6 +135,11 @@ class TrainConfig:
         "packed unshared, with a note.",
     )
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
+    report_to: str | list[str] = _field(
+        ["tensorboard"], "Experiment trackers, through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+        "dvclive, swanlab, trackio (a list); none = only OUTPUT_DIR/metrics.jsonl.")
+    run_name: str | None = _field(None, "The run's name in the trackers; null = the output folder's name.")
+    project: str = _field("dpo_dist", "The trackers' project (wandb) / experiment (mlflow) name.")
 
 
 @dataclass
@@ -181,6 +186,12 @@ class Config:
         return self.train.prefix_sharing and self.packing_mode in ("block_mask", "flex")
 
     @property
+    def trackers(self) -> list[str]:
+        """train.report_to as a list of accelerate tracker names ([] for none)."""
+        names = [self.train.report_to] if isinstance(self.train.report_to, str) else self.train.report_to
+        return [name for name in names if name != "none"]
+
+    @property
     def ref_cache_dir(self) -> Path:
         return Path(self.ref_cache.dir) if self.ref_cache.dir else Path(self.output_dir) / "ref_cache"
 
@@ -213,6 +224,12 @@ class Config:
                 raise UserError(f"config: {key} must be >= 1, got {value}")
         if self.loss.beta <= 0:
             raise UserError(f"config: loss.beta must be > 0, got {self.loss.beta}")
+        trackers = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+        for name in self.trackers:
+            if name not in trackers:
+                close = difflib.get_close_matches(name, trackers, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(trackers)} or none)"
+                raise UserError(f"config: train.report_to: unknown tracker {name!r}{hint}")
         from dpo_dist.losses import check_loss_config
 
         check_loss_config(self.loss)

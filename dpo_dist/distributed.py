@@ -61,7 +61,7 @@ def _deepspeed_plugin(cfg: Config):
 
 def build_accelerator(cfg: Config):
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -85,6 +85,9 @@ def build_accelerator(cfg: Config):
         gradient_accumulation_steps=cfg.train.grad_accum,
         deepspeed_plugin=plugin,
         kwargs_handlers=[timeout],
+        log_with=cfg.trackers or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
     )
     return accelerator
 

@@ -6,11 +6,13 @@ padding pair counts for nothing. Names follow TRL's (`rewards/chosen`, `logps/re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
+from dpo_dist.errors import UserError
 from dpo_dist.losses import LossOutput
 
 # Per-pair quantities that are averaged over pairs; `pairs` and `tokens` are plain counts.
@@ -63,30 +65,43 @@ class MetricSums:
         return result
 
 
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """The resolved config as tracker hyper-parameters: dotted keys, scalars (others as text)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat
+
+
 class MetricsLogger:
-    """Appends JSON lines to OUTPUT_DIR/metrics.jsonl and scalars to TensorBoard (main process only)."""
+    """Appends JSON lines to OUTPUT_DIR/metrics.jsonl (main process) and sends the same scalars to
+    the experiment trackers of `train.report_to` through accelerate (TensorBoard events under
+    OUTPUT_DIR/tensorboard/PROJECT), with the resolved config as hyper-parameters."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
-        self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, cfg, accelerator):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        missing = sorted(set(cfg.trackers) - {str(t) for t in accelerator.log_with})
+        if missing:
+            raise UserError(f"train.report_to: {', '.join(missing)} not installed here; "
+                            f"pip install {' '.join(missing)} (or train.report_to=none)")
+        if cfg.trackers:
+            run_name = cfg.train.run_name or Path(cfg.output_dir).resolve().name
+            accelerator.init_trackers(
+                cfg.train.project, config=flat_config(dataclasses.asdict(cfg)),
+                init_kwargs={"wandb": {"name": run_name, "dir": str(cfg.output_dir)}, "mlflow": {"run_name": run_name},
+                             "comet_ml": {"name": run_name}, "aim": {"run_name": run_name}},
+            )
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        line = {"step": step, **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=step)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")

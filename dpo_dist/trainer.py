@@ -101,7 +101,7 @@ class Trainer:
         )
         self.model, self.optimizer, self.scheduler = distributed.prepare_policy(cfg, acc, self.total_steps)
         self.step = 0
-        self.logger = MetricsLogger(self.output_dir, enabled=acc.is_main_process)
+        self.logger = MetricsLogger(cfg, acc)
         self.preemption = distributed.PreemptionWatch(acc)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir)
         if resume_from is not None:
@@ -261,5 +261,4 @@ class Trainer:
         acc.print(f"final model written to {self.output_dir / 'final'}")
 
     def close(self) -> None:
-        self.logger.close()
         self.accelerator.end_training()
