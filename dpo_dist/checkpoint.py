@@ -19,6 +19,7 @@ from dpo_dist.config import Config, ModelConfig, save_config
 from dpo_dist.errors import UserError
 
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.json"
 
 
 def _root(output_dir: Path) -> Path:
@@ -73,8 +74,9 @@ def load(accelerator, path: Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig) -> None:
-    """Hugging Face folder: full weights (gathered from ZeRO-3 shards) or the LoRA adapter."""
+def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig, info: dict | None = None) -> None:
+    """Hugging Face folder: full weights (gathered from ZeRO-3 shards) or the LoRA adapter, written
+    to a temp folder and renamed into place; `info` goes into it as best.json."""
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
@@ -91,9 +93,17 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
                 merged = AutoPeftModelForCausalLM.from_pretrained(tmp).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
+        if info is not None:
+            (tmp / BEST_FILE).write_text(json.dumps(info))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def best_so_far(output_dir: Path) -> dict | None:
+    """What OUTPUT_DIR/best/ holds ({step, metric, value}), so a resumed run keeps improving on it."""
+    path = Path(output_dir) / "best" / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def export_checkpoint(checkpoint_dir: Path, output: Path) -> None:

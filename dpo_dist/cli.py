@@ -1,4 +1,4 @@
-"""Command line: `dpo-dist {tokenize,precompute,train,evaluate,demo,export}` (same as `python -m dpo_dist ...`).
+"""Command line: `dpo-dist {tokenize,precompute,train,evaluate,demo,export,report}` (also `python -m dpo_dist ...`).
 
 Parse -> build -> run -> close. A UserError (bad config, data or cache) prints one line and exits
 with code 2; anything else is a bug and keeps its traceback.
@@ -22,6 +22,8 @@ COMMANDS = {
     "prints JSON and writes OUTPUT_DIR/eval_metrics.json.",
     "demo": "Tiny model + bundled arithmetic preferences: precompute -> train -> evaluate on the CPU.",
     "export": "Convert a sharded checkpoint (checkpoints/step-NNNNNN) into a Hugging Face model folder.",
+    "report": "Draw the curves of one or more runs (loss, rewards, accuracies, log-probs, lr, grad norm, "
+    "throughput; eval dashed) into a PNG and print a summary (steps, best eval loss/accuracy, pairs/s).",
 }
 
 EPILOG = """\
@@ -48,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("checkpoint", type=Path, help="A checkpoint folder, e.g. runs/exp1/checkpoints/step-000500.")
             p.add_argument("--output_dir", type=Path, help="Where to write (default: CHECKPOINT/hf).")
             continue
+        if name == "report":
+            p = sub.add_parser(name, help=text, description=text)
+            p.add_argument("runs", type=Path, nargs="+", metavar="OUTPUT_DIR", help="Training output folders.")
+            p.add_argument("--output", type=Path, help="The PNG (default: OUTPUT_DIR/report.png for one run, "
+                           "./report.png for several, overlaid).")
+            continue
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG + _config_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", type=Path, help="YAML config file (see README 'Config reference').")
@@ -66,6 +74,13 @@ def run(args: argparse.Namespace) -> None:
         output = args.output_dir or args.checkpoint / "hf"
         export_checkpoint(args.checkpoint, output)
         print(f"exported {args.checkpoint} to {output}")
+        return
+    if args.command == "report":
+        from dpo_dist.report import write_report
+
+        picture, text = write_report(args.runs, args.output)
+        print(text)
+        print(f"curves written to {picture}")
         return
     if args.command == "demo":
         from dpo_dist.demo import run_demo

@@ -135,6 +135,10 @@ class TrainConfig:
         "packed unshared, with a note.",
     )
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
+    save_best: str | None = _field(
+        None, "An eval metric (e.g. eval/loss, eval/rewards/accuracies): export OUTPUT_DIR/best/ (Hugging Face "
+        "format) whenever it improves; null = off.")
+    save_best_mode: str = _field("min", "min or max: which way save_best's metric improves.")
     report_to: str | list[str] = _field(
         ["tensorboard"], "Experiment trackers, through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
         "dvclive, swanlab, trackio (a list); none = only OUTPUT_DIR/metrics.jsonl.")
@@ -230,6 +234,16 @@ class Config:
                 close = difflib.get_close_matches(name, trackers, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(trackers)} or none)"
                 raise UserError(f"config: train.report_to: unknown tracker {name!r}{hint}")
+        if self.train.save_best is not None:
+            from dpo_dist.metrics import MEAN_KEYS
+
+            known = [f"eval/{key}" for key in MEAN_KEYS]
+            if self.train.save_best not in known:
+                close = difflib.get_close_matches(self.train.save_best, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(known)})"
+                raise UserError(f"config: train.save_best={self.train.save_best!r} is not an eval metric{hint}")
+            if self.train.save_best_mode not in ("min", "max"):
+                raise UserError(f"config: train.save_best_mode must be min or max, got {self.train.save_best_mode!r}")
         from dpo_dist.losses import check_loss_config
 
         check_loss_config(self.loss)

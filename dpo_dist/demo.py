@@ -1,8 +1,8 @@
 """`dpo-dist demo`: the whole pipeline on the CPU in a few minutes, with nothing from a hub.
 
 Builds a tiny Llama and a tokenizer from the bundled arithmetic preference data (correct vs wrong
-sums; eval problems never seen in training), then precompute -> evaluate -> train -> evaluate, and
-prints eval preference accuracy before and after training.
+sums; eval problems never seen in training), then precompute -> evaluate -> train -> evaluate,
+prints eval preference accuracy before and after training, and draws the training curves.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from dpo_dist.config import load_config
+from dpo_dist.report import write_report
 
 # A randomly initialised model needs a far larger step size than a pretrained one.
 DEMO_SETTINGS = [
@@ -87,4 +88,6 @@ def run_demo(output_dir: str, config_path: Path | None, overrides: list[str]) ->
     print(f"before training: {_summary(before)}")
     print(f"after training:  {_summary(after)}")
     print("(reward accuracy is 0 before training: the policy equals the reference, so every reward is 0)")
+    picture, _ = write_report([out / "train"])
+    print(f"training curves: {picture}")
     return {"before": before, "after": after}

@@ -104,8 +104,10 @@ class Trainer:
         self.logger = MetricsLogger(cfg, acc)
         self.preemption = distributed.PreemptionWatch(acc)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir)
+        self.best = None  # what OUTPUT_DIR/best/ holds for this run (train.save_best)
         if resume_from is not None:
             self.step = checkpoint.load(acc, resume_from)["step"]
+            self.best = checkpoint.best_so_far(self.output_dir)
             acc.print(f"resumed from {resume_from} at step {self.step}")
         acc.print(
             f"{acc.num_processes} process(es), global batch {self.global_batch} pairs "
@@ -211,6 +213,21 @@ class Trainer:
 
         return [objective_for(k) for k in range(len(batches))]
 
+    def keep_if_best(self, eval_values: dict) -> None:
+        """Exports OUTPUT_DIR/best/ when `train.save_best`'s metric improves on what it holds."""
+        key = self.cfg.train.save_best
+        if key is None:
+            return
+        value, best = eval_values[key], self.best
+        better = best is None or (value < best["value"] if self.cfg.train.save_best_mode == "min"
+                                  else value > best["value"])
+        if better:
+            self.best = {"step": self.step, "metric": key, "value": value}
+            checkpoint.export_final(self.accelerator, self.model, self.tokenizer, self.output_dir / "best",
+                                    self.cfg.model, self.best)
+            self.accelerator.print(f"step {self.step}: best {key} so far ({value:.4f}); exported to "
+                                   f"{self.output_dir / 'best'}")
+
     def evaluate(self) -> dict:
         return evaluate_policy(self.model, self.splits["eval"], self.ref["eval"], self.cfg, self.accelerator,
                                self.pad_id)
@@ -249,6 +266,7 @@ class Trainer:
                 self.logger.log(self.step, {"epoch": self.step / self.plan.steps_per_epoch, **eval_values})
                 acc.print(f"step {self.step}: eval loss {eval_values['eval/loss']:.4f}, "
                           f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
+                self.keep_if_best(eval_values)
             preempted = self.preemption.requested()
             if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
                 checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg)
@@ -259,6 +277,10 @@ class Trainer:
         bar.close()
         checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg.model)
         acc.print(f"final model written to {self.output_dir / 'final'}")
+        best = self.best
+        if best is not None:
+            acc.print(f"best model ({best['metric']} {best['value']:.4f} at step {best['step']}) in "
+                      f"{self.output_dir / 'best'}")
 
     def close(self) -> None:
         self.accelerator.end_training()

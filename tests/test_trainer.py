@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 from conftest import run_cli
@@ -75,3 +77,36 @@ def test_packed_and_shared_prefix_training_match_padded(demo_model, tmp_path):
         for padded, other in zip(runs["padded"], runs[name], strict=True):
             for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
                 assert other[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), (name, key)
+
+
+@pytest.mark.slow
+def test_save_best_keeps_the_best_eval_step(demo_model, tmp_path):
+    """Held-out pairs with chosen and rejected swapped: training makes their loss rise after the
+    first evaluation, so best/ must hold that step's weights, not the last ones."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_jsonl
+
+    rows = [json.loads(line) for line in open(demo_data_files()["train"])][:64]
+    swapped = write_jsonl(tmp_path / "swapped.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                                                       for r in rows])
+    out = tmp_path / "run"
+    result = run_cli("train", *demo_args(demo_model, out, f"data.eval={swapped}", "train.max_steps=48",
+                                         "train.eval_every=8", "train.save_every=8", "train.keep_last=6",
+                                         "train.save_best=eval/loss"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, eval_lines = read_metrics(out)
+    best_line = min(eval_lines, key=lambda m: m["eval/loss"])
+    assert best_line["step"] < eval_lines[-1]["step"] and eval_lines[-1]["eval/loss"] > best_line["eval/loss"]
+    info = json.loads((out / "best" / "best.json").read_text())
+    assert info == {"step": best_line["step"], "metric": "eval/loss", "value": best_line["eval/loss"]}
+    assert f"best model (eval/loss {info['value']:.4f} at step {info['step']})" in result.stdout
+    exported = run_cli("export", str(out / "checkpoints" / f"step-{info['step']:06d}"), "--output_dir",
+                       str(tmp_path / "at_best"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    best, at_best = load_file(out / "best" / "model.safetensors"), load_file(tmp_path / "at_best" / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(best[k], at_best[k]) for k in best)
+    assert any(not torch.equal(best[k], final[k]) for k in best)
+    AutoModelForCausalLM.from_pretrained(out / "best")
