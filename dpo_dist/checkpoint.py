@@ -4,19 +4,21 @@ A checkpoint is written by every rank into `checkpoints/.tmp-step-NNNNNN/` (acce
 `save_state`: model/optimizer shards — DeepSpeed's `zero_pp_rank_*` files under ZeRO —, the LR
 schedule and every rank's RNG state), then renamed to `step-NNNNNN/`, and only then does
 `checkpoints/latest` (a one-line file) name it. A crash at any point leaves `latest` naming the
-previous complete checkpoint. The data position is the step count: the data order is a pure
+previous complete checkpoint. `trainer_state.json`, written last, records every file's size:
+`resume=auto` passes over a checkpoint whose files were cut short (saying so) to the one before. The data position is the step count: the data order is a pure
 function of the seed and the step (see batching.StepPlan).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
 from dpo_dist.config import Config, ModelConfig, save_config
-from dpo_dist.errors import UserError
+from dpo_dist.errors import RunStopped, UserError
 
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
@@ -26,38 +28,83 @@ def _root(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest(output_dir: Path) -> Path | None:
-    pointer = _root(output_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = _root(output_dir) / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+def _complete_checkpoints(output_dir: Path) -> list[Path]:
+    """step-* folders marked complete, newest first (the one `latest` names first of all)."""
+    root = _root(output_dir)
+    found = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), reverse=True)
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    return sorted(found, key=lambda p: p != named)
 
 
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files against the sizes recorded when it was written."""
+    state = json.loads((path / STATE_FILE).read_text())
+    for name, size in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} is {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def latest(output_dir: Path, say=print) -> Path | None:
+    """The newest complete, undamaged checkpoint; a damaged one is named and passed over."""
+    for path in _complete_checkpoints(output_dir):
+        problem = damage(path)
+        if problem is None:
+            return path
+        say(f"checkpoint {path.name} is damaged ({problem}); trying the one before it")
+    return None
+
+
+def resolve_resume(resume: str | None, output_dir: Path, say=print) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return latest(output_dir)
+        found = latest(output_dir, say)
+        if found is None and any(_root(output_dir).glob("step-*")):
+            raise UserError(f"resume=auto: no undamaged checkpoint left in {_root(output_dir)}; "
+                            "start over with resume=null or another output_dir")
+        return found
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise UserError(f"resume={resume}: not a complete dpo_dist checkpoint (no {STATE_FILE})")
+    problem = damage(path)
+    if problem is not None:
+        raise UserError(f"resume={resume}: damaged checkpoint ({problem})")
     return path
 
 
-def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config) -> Path:
+def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config, run: dict) -> Path:
+    """Writes checkpoint `step` (see the module docstring); `run` (what the step count means: seed,
+    global batch, data and reference fingerprints) is recorded for `check_resumable`. A full disk
+    stops the run with `latest` still naming the previous checkpoint and no half-written folder."""
     root = _root(output_dir)
     name = f"step-{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if accelerator.is_main_process:
+            save_config(config, tmp / "config.yaml")  # what `dpo-dist export` rebuilds the model from
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            # Last: marks the folder complete, with every file's size to check on resume.
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run": run, "files": files}))
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every rank's shards are on disk
+        previous = latest(output_dir, say=lambda _: None)
+        raise RunStopped(f"no space left on device writing checkpoint {name} in {root}; removed the partial "
+                         f"folder; {'latest is still ' + previous.name if previous else 'no earlier checkpoint'}"
+                         "; free space and rerun with resume=auto") from None
     if accelerator.is_main_process:
-        save_config(config, tmp / "config.yaml")  # what `dpo-dist export` rebuilds the model from
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))  # last: marks the folder complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer_tmp = root / ".latest.tmp"
@@ -67,6 +114,16 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_resumable(path: Path, run: dict, allow_changes: bool) -> None:
+    """Refuses to resume `path` under settings that change the data order or what a step means."""
+    saved = json.loads((Path(path) / STATE_FILE).read_text()).get("run", {})
+    changed = [key for key in run if key in saved and saved[key] != run[key]]
+    if changed and not allow_changes:
+        raise UserError(f"resume from {path}: {', '.join(changed)} changed since it was written (the data order or "
+                        "the meaning of a step would differ); use a new output_dir, resume=null, or "
+                        "train.allow_resume_changes=true to resume anyway")
 
 
 def load(accelerator, path: Path) -> dict:

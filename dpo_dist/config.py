@@ -139,6 +139,12 @@ class TrainConfig:
         None, "An eval metric (e.g. eval/loss, eval/rewards/accuracies): export OUTPUT_DIR/best/ (Hugging Face "
         "format) whenever it improves; null = off.")
     save_best_mode: str = _field("min", "min or max: which way save_best's metric improves.")
+    on_nonfinite: str = _field(
+        "stop", "A non-finite loss or gradient norm: stop (at that step, naming it and its pairs, nothing saved) or "
+        "skip (no optimizer step; counted in metrics as nonfinite_skipped).")
+    max_nonfinite_skips: int = _field(3, "on_nonfinite=skip: stop after this many non-finite steps in a row.")
+    allow_resume_changes: bool = _field(
+        False, "Resume even if the seed, global batch, training data or reference changed since the checkpoint.")
     report_to: str | list[str] = _field(
         ["tensorboard"], "Experiment trackers, through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
         "dvclive, swanlab, trackio (a list); none = only OUTPUT_DIR/metrics.jsonl.")
@@ -208,6 +214,7 @@ class Config:
         choices = {
             "data.truncation": (self.data.truncation, ("keep_end", "keep_start", "drop")),
             "train.scheduler": (self.train.scheduler, ("cosine", "linear", "constant")),
+            "train.on_nonfinite": (self.train.on_nonfinite, ("stop", "skip")),
             "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
         }
         for key, (value, allowed) in choices.items():

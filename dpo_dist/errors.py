@@ -17,3 +17,8 @@ class Preempted(Exception):
 
     The CLI exits with PREEMPTED_EXIT_CODE, which launch/slurm/dpo.sbatch turns into a requeue.
     """
+
+
+class RunStopped(UserError):
+    """Training stopped on a fault it cannot train through (a non-finite loss or gradient, a full
+    disk); the message says where, and which checkpoint is left to resume from."""

@@ -306,13 +306,15 @@ def precompute(cfg: Config, accelerator, splits: dict[str, PreferenceData], toke
     return True
 
 
-def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict:
+def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer,
+                      parts: dict[str, str] | None = None) -> dict:
     """Reference log-probs per split: from the cache (built or finished first if allowed), or a
-    resident reference model when the cache is disabled. Each value has `for_batch(batch)`."""
+    resident reference model when the cache is disabled. Each value has `for_batch(batch)`.
+    `parts`: this run's `run_fingerprint`, if the caller has it already."""
     if not cfg.ref_cache.enabled:
         reference = ResidentReference(distributed.load_reference(cfg, accelerator))
         return {name: reference for name in splits}
-    parts = run_fingerprint(cfg, accelerator, splits, tokenizer)
+    parts = parts or run_fingerprint(cfg, accelerator, splits, tokenizer)
     if cfg.ref_cache.overwrite or cache_status(cfg, parts) != "complete":
         if not cfg.ref_cache.auto:
             raise UserError(

@@ -11,21 +11,23 @@ configured) → resume → loop of optimizer steps → final export.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dpo_dist import checkpoint, distributed, models
+from dpo_dist import checkpoint, distributed, fingerprint, models
 from dpo_dist.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
 from dpo_dist.config import Config, LossConfig, save_config
 from dpo_dist.data import PreferenceData, prepare_split
-from dpo_dist.errors import Preempted
+from dpo_dist.errors import Preempted, RunStopped
 from dpo_dist.logprobs import SequenceScores, sequence_logps
 from dpo_dist.losses import LossOutput, PairScores, couples_pairs, preference_loss
 from dpo_dist.metrics import MetricsLogger, MetricSums
-from dpo_dist.ref_cache import RefLogps, prepare_reference
+from dpo_dist.ref_cache import RefLogps, prepare_reference, run_fingerprint
 
 
 def load_splits(cfg: Config, tokenizer, accelerator) -> dict[str, PreferenceData]:
@@ -81,6 +83,17 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
     return {f"eval/{k}": v for k, v in values.items() if k != "tokens"}
 
 
+def run_identity(cfg: Config, parts: dict[str, str], global_batch: int) -> dict:
+    """What a step count means: the data order (seed, global batch, the training pairs) and the
+    reference the rewards are measured against. A checkpoint records it; resuming compares."""
+    data = {key: parts[key] for key in ("train data files", "tokenizer")}
+    data["settings"] = json.dumps({"max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
+                                   "columns": cfg.data.columns, "template": cfg.data.chat_template_kwargs},
+                                  sort_keys=True)
+    return {"train.seed": cfg.train.seed, "global batch": global_batch, "train data": fingerprint.combined(data),
+            "reference": fingerprint.combined({key: parts[key] for key in ("reference weights", "reference config")})}
+
+
 def _rows_of(out: LossOutput, rows: torch.Tensor) -> LossOutput:
     return LossOutput(*(value.detach()[rows] for value in vars(out).values()))
 
@@ -92,7 +105,9 @@ class Trainer:
         self.accelerator, self.tokenizer, self.splits = setup_run(cfg)
         acc = self.accelerator
         self.pad_id = self.tokenizer.pad_token_id
-        self.ref = {k: v.to(acc.device) for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer).items()}
+        parts = run_fingerprint(cfg, acc, self.splits, self.tokenizer)
+        self.ref = {k: v.to(acc.device)
+                    for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer, parts).items()}
 
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * acc.num_processes
         self.plan = StepPlan(len(self.splits["train"].pairs), self.global_batch, cfg.train.seed)
@@ -103,9 +118,12 @@ class Trainer:
         self.step = 0
         self.logger = MetricsLogger(cfg, acc)
         self.preemption = distributed.PreemptionWatch(acc)
-        resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir)
+        self.run_identity = run_identity(cfg, parts, self.global_batch)
+        resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir, say=acc.print)
         self.best = None  # what OUTPUT_DIR/best/ holds for this run (train.save_best)
+        self.nonfinite_in_row = self.nonfinite_skipped = 0
         if resume_from is not None:
+            checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes)
             self.step = checkpoint.load(acc, resume_from)["step"]
             self.best = checkpoint.best_so_far(self.output_dir)
             acc.print(f"resumed from {resume_from} at step {self.step}")
@@ -115,8 +133,10 @@ class Trainer:
             f"{self.total_steps} steps"
         )
 
-    def train_step(self, positions: list[int], sums: MetricSums) -> float | None:
-        """One optimizer step over the global batch `positions`; returns the gradient norm."""
+    def train_step(self, positions: list[int], sums: MetricSums) -> tuple[float | None, bool]:
+        """One optimizer step over the global batch `positions`; returns the gradient norm and
+        whether loss and gradient norm were finite (if not, no optimizer step was taken: DeepSpeed
+        skips one whose gradient norm is not finite, and so does this loop otherwise)."""
         acc, cfg = self.accelerator, self.cfg
         train = self.splits["train"]
         shares = rank_share(positions, acc.num_processes, acc.process_index, cfg.train.grad_accum)
@@ -130,17 +150,41 @@ class Trainer:
             objectives = self._coupled_objectives(positions, batches, sums)
         else:
             objectives = self._pairwise_objectives(positions, batches, sums)
-        grad_norm = None
+        grad_norm, finite = None, True
+        nonfinite = torch.zeros(1, device=acc.device)
         for batch, objective in zip(batches, objectives):
             with acc.accumulate(self.model):
-                acc.backward(objective(batch.to(acc.device)) * scale)
+                loss = objective(batch.to(acc.device)) * scale
+                nonfinite += (~torch.isfinite(loss.detach())).float()
+                acc.backward(loss)
                 if acc.sync_gradients:
                     max_norm = cfg.train.max_grad_norm or float("inf")
                     norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                     grad_norm = None if norm is None else float(norm)
-                self.optimizer.step()
+                    nonfinite = acc.reduce(nonfinite, reduction="sum") if acc.num_processes > 1 else nonfinite
+                    finite = nonfinite.item() == 0 and (grad_norm is None or math.isfinite(grad_norm))
+                if finite:
+                    self.optimizer.step()
                 self.optimizer.zero_grad()
-        return grad_norm
+        return grad_norm, finite
+
+    def handle_nonfinite(self, positions: list[int]) -> None:
+        """train.on_nonfinite: stop here (nothing of this step is saved), or count a skipped step
+        and stop after train.max_nonfinite_skips of them in a row."""
+        cfg = self.cfg.train
+        self.nonfinite_in_row += 1
+        self.nonfinite_skipped += 1
+        pairs = sorted(int(self.splits["train"].pairs[p].index) for p in positions)
+        where = f"non-finite loss or gradient norm at step {self.step + 1} (training pairs {pairs})"
+        previous = checkpoint.latest(self.output_dir, say=lambda _: None)
+        kept = f"checkpoints/latest is {previous.name}" if previous else "no checkpoint was written yet"
+        if cfg.on_nonfinite == "stop":
+            raise RunStopped(f"{where}; stopped without an optimizer step or a save ({kept}); "
+                             "train.on_nonfinite=skip skips such steps")
+        if self.nonfinite_in_row > cfg.max_nonfinite_skips:
+            raise RunStopped(f"{where}: {self.nonfinite_in_row} in a row, more than train.max_nonfinite_skips="
+                             f"{cfg.max_nonfinite_skips}; stopped without a save ({kept})")
+        self.accelerator.print(f"{where}: optimizer step skipped ({self.nonfinite_in_row} in a row)")
 
     def _pairwise_objectives(self, positions: list[int], batches: list[MicroBatch], sums: MetricSums):
         """Losses of one pair at a time: each micro-batch's part of the step's mean loss. The SFT
@@ -239,42 +283,52 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not acc.is_local_main_process)
         window_start = time.perf_counter()
-        while self.step < self.total_steps:
-            _, positions = self.plan.step_positions(self.step)
-            lr = self.scheduler.get_last_lr()[0]
-            grad_norm = self.train_step(positions, sums)
-            self.scheduler.step()
-            self.step += 1
-            bar.update(1)
-            last = self.step == self.total_steps
+        try:
+            while self.step < self.total_steps:
+                _, positions = self.plan.step_positions(self.step)
+                lr = self.scheduler.get_last_lr()[0]
+                before = sums.sums.clone()
+                grad_norm, finite = self.train_step(positions, sums)
+                if finite:
+                    self.nonfinite_in_row = 0
+                else:
+                    self.handle_nonfinite(positions)
+                    sums.sums.copy_(before)  # the skipped step's pairs stay out of the metrics
+                    grad_norm = None
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                last = self.step == self.total_steps
 
-            if self.step % cfg.train.log_every == 0 or last:
-                values = sums.reduce(acc)
-                elapsed = time.perf_counter() - window_start
-                values.update(
-                    epoch=self.step / self.plan.steps_per_epoch,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    pairs_per_s=values["pairs"] / elapsed,
-                    tokens_per_s=values.pop("tokens") / elapsed,
-                )
-                self.logger.log(self.step, values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
-                window_start = time.perf_counter()
-            if "eval" in self.splits and ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last):
-                eval_values = self.evaluate()
-                self.logger.log(self.step, {"epoch": self.step / self.plan.steps_per_epoch, **eval_values})
-                acc.print(f"step {self.step}: eval loss {eval_values['eval/loss']:.4f}, "
-                          f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
-                self.keep_if_best(eval_values)
-            preempted = self.preemption.requested()
-            if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
-                checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg)
-                window_start = time.perf_counter()  # saving is not training time
-            if preempted and not last:
-                bar.close()
-                raise Preempted(f"preempted: checkpoint of step {self.step} saved; resume=auto continues")
-        bar.close()
+                if self.step % cfg.train.log_every == 0 or last:
+                    values = sums.reduce(acc)
+                    elapsed = time.perf_counter() - window_start
+                    values.update(
+                        epoch=self.step / self.plan.steps_per_epoch,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        pairs_per_s=values["pairs"] / elapsed,
+                        tokens_per_s=values.pop("tokens") / elapsed,
+                    )
+                    if cfg.train.on_nonfinite == "skip":
+                        values["nonfinite_skipped"] = self.nonfinite_skipped
+                    self.logger.log(self.step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
+                    window_start = time.perf_counter()
+                if "eval" in self.splits and ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last):
+                    eval_values = self.evaluate()
+                    self.logger.log(self.step, {"epoch": self.step / self.plan.steps_per_epoch, **eval_values})
+                    acc.print(f"step {self.step}: eval loss {eval_values['eval/loss']:.4f}, "
+                              f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
+                    self.keep_if_best(eval_values)
+                preempted = self.preemption.requested()
+                if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
+                    checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg, self.run_identity)
+                    window_start = time.perf_counter()  # saving is not training time
+                if preempted and not last:
+                    raise Preempted(f"preempted: checkpoint of step {self.step} saved; resume=auto continues")
+        finally:
+            bar.close()  # before any error line, which would otherwise follow the bar
         checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg.model)
         acc.print(f"final model written to {self.output_dir / 'final'}")
         best = self.best
