@@ -96,8 +96,8 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             # Last: marks the folder complete, with every file's size to check on resume.
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run": run, "files": files}))
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+        if not (getattr(err, "errno", None) == errno.ENOSPC or _disk_full(root)):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(output_dir, say=lambda _: None)
@@ -114,6 +114,10 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_full(folder: Path) -> bool:
+    return shutil.disk_usage(folder).free < 16 * 2**20
 
 
 def check_resumable(path: Path, run: dict, allow_changes: bool) -> None:

