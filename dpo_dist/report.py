@@ -1,7 +1,8 @@
 """`dpo-dist report RUN [RUN ...]`: a run's curves in one PNG, and a short text summary.
 
 Reads OUTPUT_DIR/metrics.jsonl (train lines every `train.log_every` steps, `eval/...` lines at each
-evaluation). One panel per quantity; several runs are overlaid in one figure, one colour each.
+evaluation). One panel per quantity; several runs are overlaid in one figure, one colour each (a single run gets
+a colour per curve).
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def write_report(runs: list[Path], output: Path | None = None) -> tuple[Path, st
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for r, (run, lines) in enumerate(metrics.items()):
-            colour = colours[r % len(colours)]
-            for key in keys:
-                marker = next((m for k, m in MARKERS.items() if k in key), None)
+            for k, key in enumerate(keys):  # one colour per run, or per curve when there is one run
+                colour = colours[(k if len(metrics) == 1 else r) % len(colours)]
+                marker = next((m for part, m in MARKERS.items() if part in key), None)
                 for shown, style in ((key, "-"), (f"eval/{key}", "--")):
                     steps, values = curve(lines, shown)
                     if steps:
