@@ -213,6 +213,7 @@ class Trainer:
                 policy = sequence_logps(self.model, batch, wpo=cfg.loss.use_weighting)
                 ref = self.ref["train"].for_batch(batch)
                 wpo = policy.wpo if policy.wpo is not None else torch.zeros_like(policy.logps)
+                # A row per pair: these six for the chosen response (0-5), for the rejected (6-11), weight.
                 columns = [policy.logps, policy.shared_logps, policy.tokens.float(), wpo, ref.logps, ref.shared_logps]
                 rows.append(torch.cat([torch.stack([c[: batch.num_pairs] for c in columns], 1),
                                        torch.stack([c[batch.num_pairs:] for c in columns], 1),

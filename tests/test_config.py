@@ -49,9 +49,13 @@ def test_every_key_is_documented():
 def test_cli_help_and_config_error_exit_code(tmp_path):
     help_text = run_cli("train", "--help").stdout
     assert "train.micro_batch_size" in help_text and "key=value" in help_text
-    result = run_cli("train", "train.lrr=1")
-    assert result.returncode == 2 and "did you mean 'train.lr'" in result.stderr
-    assert "Traceback" not in result.stderr
+    for key in ("loss.type", "loss.weights", "loss.label_smoothing", "loss.f_divergence_type",
+                "loss.f_alpha_divergence_coef", "loss.use_weighting", "loss.ld_alpha", "loss.discopop_tau"):
+        assert f"  {key} (" in help_text, key
+    for typo, nearest in (("train.lrr=1", "train.lr"), ("loss.f_divergnce_type=js_divergence", "loss.f_divergence_type")):
+        result = run_cli("train", typo)
+        assert result.returncode == 2 and f"did you mean '{nearest}'" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_written_config_is_the_resolved_one(tiny, text_file, tmp_path):
