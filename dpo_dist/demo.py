@@ -14,7 +14,9 @@ from pathlib import Path
 from dpo_dist.config import load_config
 from dpo_dist.report import write_report
 
-# A randomly initialised model needs a far larger step size than a pretrained one.
+# A randomly initialised model needs a far larger step size than a pretrained one. β = 0.5 (not
+# 0.1) makes the run settle: measured on 2 cores, held-out accuracy 0.923-0.948 whatever CPU kernels
+# PyTorch picks (avx512 / avx2 / default, 1 or 2 threads), where β = 0.1 gave 0.594-0.856.
 DEMO_SETTINGS = [
     "train.micro_batch_size=32",
     "train.lr=3e-3",
@@ -24,7 +26,7 @@ DEMO_SETTINGS = [
     "train.eval_every=600",
     "train.save_every=0",
     "train.eval_batch_size=64",
-    "loss.beta=0.1",
+    "loss.beta=0.5",
     "data.max_length=32",
 ]
 
