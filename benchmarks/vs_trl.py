@@ -40,13 +40,24 @@ SHAPES = {"loguniform": {}, "long_prompt": {"prompt_words": (120, 480), "respons
           "short": {"prompt_words": (8, 40), "response_words": (4, 30)}}
 
 
-def epoch_tokens(model: Path, data: Path, max_length: int) -> int:
+def epoch_work(model: Path, data: Path, max_length: int, batch: int) -> dict[str, int]:
+    """Tokens of one epoch ("tokens": prompt + both responses per pair) and the token slots
+    (rows x width of every micro-batch, what the linear layers compute) that each layout gives
+    the epoch's global batches: one padded row per sequence, as TRL; packed; packed and shared."""
     from transformers import AutoTokenizer
 
+    from dpo_dist.batching import StepPlan, collate
     from dpo_dist.data import load_preference_data
 
     pairs = load_preference_data(str(data), AutoTokenizer.from_pretrained(model), max_length, "keep_start").pairs
-    return sum(p.num_tokens for p in pairs)
+    plan = StepPlan(len(pairs), batch, seed=42)
+    work = {"tokens": sum(p.num_tokens for p in pairs), "padded": 0, "packed": 0, "shared": 0}
+    for step in range(plan.steps_per_epoch):
+        step_pairs = [pairs[k] for k in plan.step_positions(step)[1]]
+        for layout, kwargs in (("padded", {}), ("packed", {"packing": "block_mask"}),
+                               ("shared", {"packing": "block_mask", "share_prefix": True})):
+            work[layout] += collate(step_pairs, 0, **kwargs).input_ids.numel()
+    return work
 
 
 def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length: int, device: str, attn: str) -> dict:
@@ -121,7 +132,8 @@ def main() -> None:
         work = Path(tmp)
         model = make_model(work / "model", args.hidden, args.layers)
         data = make_data(work / "data.jsonl", args.pairs, **SHAPES[args.shape])
-        tokens = epoch_tokens(model, data, args.max_length)
+        work_done = epoch_work(model, data, args.max_length, args.batch)
+        tokens = work_done["tokens"]
         runs: dict[str, list[dict]] = {m: [] for m in MODES}
         for r in range(args.repeats):
             for mode in MODES:
@@ -165,7 +177,14 @@ def main() -> None:
                f"--hidden {args.hidden} --layers {args.layers} --shape {args.shape}")
     if (args.device, args.attn) != ("cpu", "sdpa"):
         command += f" --device {args.device} --attn {args.attn}"
-    text = "\n".join([header, "", *table, "", f"Command: `{command}`"])
+    slots = (f"Token slots per epoch (rows x width of the micro-batches, what the linear layers compute): "
+             f"padded {work_done['padded']} (TRL's layout), packed {work_done['packed']}, shared {work_done['shared']}. "
+             f"Both sides run about four forwards' worth over their slots per epoch (forward + backward, and one "
+             f"reference forward: TRL's every step, dpo_dist's once, in the cache pass), so where compute is "
+             f"linear in tokens the ceilings are: packed {work_done['padded'] / work_done['packed']:.2f}x and "
+             f"shared {work_done['padded'] / work_done['shared']:.2f}x trl; shared "
+             f"{work_done['packed'] / work_done['shared']:.2f}x packed.")
+    text = "\n".join([header, "", *table, "", slots, "", f"Command: `{command}`"])
     print("\n" + text)
     name = "results.md" if args.shape == "loguniform" else f"results-{args.shape}.md"
     if args.device != "cpu":

@@ -1,6 +1,7 @@
 """Training end to end on the bundled demo data: the loss falls, held-out accuracy rises, metrics complete."""
 
 import json
+import math
 
 import torch
 
@@ -33,15 +34,17 @@ def read_metrics(out):
 @pytest.mark.slow
 def test_short_training_learns_and_logs_every_metric(demo_model, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("train", *demo_args(demo_model, out, "train.epochs=6", "train.eval_every=60"))
+    # 6 of the demo's 30 epochs: at β = 0.1 the loss already falls; the demo's β = 0.5 is still on its plateau.
+    result = run_cli("train", *demo_args(demo_model, out, "train.epochs=6", "train.eval_every=60",
+                                         "train.log_every=1", "loss.beta=0.1"))
     assert result.returncode == 0, result.stderr[-3000:]
     train_lines, eval_lines = read_metrics(out)
     assert CONTRACT_KEYS <= set(train_lines[0]), CONTRACT_KEYS - set(train_lines[0])
     assert {f"eval/{k}" for k in CONTRACT_KEYS - {"step", "epoch", "lr", "grad_norm", "pairs_per_s",
                                                   "tokens_per_s"}} <= set(eval_lines[0])
-    first, last = train_lines[0], train_lines[-1]
-    assert first["loss"] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start
-    assert last["loss"] < first["loss"] - 0.05
+    first = train_lines[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy == reference
+    assert sum(m["loss"] for m in train_lines[-20:]) / 20 < first["loss"] - 0.05
     assert eval_lines[-1]["eval/rewards/accuracies"] > eval_lines[0]["eval/rewards/accuracies"] + 0.05
     assert eval_lines[-1]["eval/rewards/accuracies"] > 0.55
     assert [m["step"] for m in train_lines] == sorted(m["step"] for m in train_lines)
