@@ -308,9 +308,9 @@ def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the CPU
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    # One fused kernel over all parameters: PyTorch's default is the foreach path on GPUs, whose
-    # temporaries are as large as the parameters (a 75M model: +277 MiB peak), and a per-tensor loop
-    # on the CPU, 3x slower than fused (benchmarks/optimizer_step.py).
+    # One fused kernel over all parameters. PyTorch's default is foreach on GPUs, whose step
+    # temporaries are as large as the parameters (75M: 288 MiB), and a per-tensor loop on the CPU,
+    # several times slower than fused (benchmarks/optimizer_step.py).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
