@@ -17,6 +17,6 @@ def test_demo_learns_held_out_preferences(tmp_path):
     values = {when: (float(reward), float(prefers)) for when, reward, prefers in found}
     assert values["before"][0] == 0.0  # policy == reference: every reward is 0
     assert 0.35 < values["before"][1] < 0.65  # a random model prefers chosen by chance
-    assert values["after"][0] > 0.85 and values["after"][1] > 0.85  # 0.92-0.95 measured across CPU kernels
+    assert values["after"][0] > 0.85 and values["after"][1] > 0.85  # 0.946-0.963 measured across CPU kernels
     after = json.loads((tmp_path / "demo" / "eval_after" / "eval_metrics.json").read_text())
     assert after["eval/rewards/accuracies"] == pytest.approx(values["after"][0], abs=1e-3)
