@@ -47,10 +47,11 @@ def epoch_work(model: Path, data: Path, max_length: int, batch: int) -> dict[str
     from transformers import AutoTokenizer
 
     from dpo_dist.batching import StepPlan, collate
+    from dpo_dist.config import TrainConfig
     from dpo_dist.data import load_preference_data
 
     pairs = load_preference_data(str(data), AutoTokenizer.from_pretrained(model), max_length, "keep_start").pairs
-    plan = StepPlan(len(pairs), batch, seed=42)
+    plan = StepPlan(len(pairs), batch, seed=TrainConfig().seed)  # the order the timed dpo_dist runs train in
     work = {"tokens": sum(p.num_tokens for p in pairs), "padded": 0, "packed": 0, "shared": 0}
     for step in range(plan.steps_per_epoch):
         step_pairs = [pairs[k] for k in plan.step_positions(step)[1]]
