@@ -27,13 +27,14 @@ from common import REPO, run_measured, timestamp
 RSS_PROBE = """
 import json, sys
 from dpo_dist.config import load_config
-from dpo_dist import distributed, models
+from dpo_dist import distributed
+from dpo_dist.model import loading
 from dpo_dist.data import prepare_split
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 cfg = load_config(None, sys.argv[1:])
 acc = distributed.build_accelerator(cfg)
-tokenizer = models.load_tokenizer(cfg.model)
+tokenizer = loading.load_tokenizer(cfg.model)
 before = rss()
 data = prepare_split(cfg, acc, "train", cfg.data.train, tokenizer)
 print(json.dumps({"bytes": rss() - before, "tokens": data.pairs.num_tokens}))

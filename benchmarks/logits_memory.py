@@ -22,8 +22,8 @@ def child(head: bool, vocab: int, seq: int, batch: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_dist.batching import MicroBatch
-    from dpo_dist.logprobs import install_response_head, sequence_logps
+    from dpo_dist.data.batching import MicroBatch
+    from dpo_dist.model.logprobs import install_response_head, sequence_logps
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512,

@@ -46,7 +46,7 @@ def epoch_work(model: Path, data: Path, max_length: int, batch: int) -> dict[str
     the epoch's global batches: one padded row per sequence, as TRL; packed; packed and shared."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.batching import StepPlan, collate
+    from dpo_dist.data.batching import StepPlan, collate
     from dpo_dist.config import TrainConfig
     from dpo_dist.data import load_preference_data
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from dpo_dist import commands
 from dpo_dist.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 COMMANDS = {
@@ -66,10 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from dpo_dist.config import load_config
-
     if args.command == "export":
-        from dpo_dist.checkpoint import export_checkpoint
+        from dpo_dist.training.checkpoint import export_checkpoint
 
         output = args.output_dir or args.checkpoint / "hf"
         export_checkpoint(args.checkpoint, output)
@@ -87,54 +86,12 @@ def run(args: argparse.Namespace) -> None:
 
         run_demo(args.output_dir, args.config, args.overrides)
         return
-    cfg = load_config(args.config, args.overrides)
-    if args.command == "train":
-        from dpo_dist.trainer import Trainer
-
-        trainer = Trainer(cfg)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-    elif args.command == "tokenize":
-        from dpo_dist.trainer import setup_run
-
-        acc, _, _ = setup_run(cfg)  # prints each split's summary
-        acc.print(f"token cache ready at {cfg.token_cache_dir}")
-        acc.end_training()
-    elif args.command == "precompute":
-        precompute_command(cfg)
-    elif args.command == "evaluate":
-        metrics = evaluate_command(cfg)
-        print(json.dumps(metrics, indent=2))
-
-
-def precompute_command(cfg) -> None:
-    from dpo_dist import ref_cache
-    from dpo_dist.trainer import setup_run
-
-    acc, tokenizer, splits = setup_run(cfg)
-    built = ref_cache.precompute(cfg, acc, splits, tokenizer)
-    acc.print(f"reference cache {'written to' if built else 'already complete at'} {cfg.ref_cache_dir}")
-    acc.end_training()
-
-
-def evaluate_command(cfg) -> dict:
-    """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
-    from dpo_dist import models
-    from dpo_dist.ref_cache import prepare_reference
-    from dpo_dist.trainer import evaluate_policy, setup_run
-
-    # The same splits as `train`, so the training run's cache (same fingerprint) serves here too.
-    acc, tokenizer, splits = setup_run(cfg)
-    name = "eval" if "eval" in splits else "train"
-    ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
-    policy = acc.prepare_model(models.load_causal_lm(models.policy_path(cfg.model), cfg.model), evaluation_mode=True)
-    metrics = evaluate_policy(policy, splits[name], ref, cfg, acc, tokenizer.pad_token_id)
-    if acc.is_main_process:
-        (Path(cfg.output_dir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
-    acc.end_training()
-    return metrics
+    cfg = commands.load_run_config(args.config, args.overrides)
+    if args.command == "evaluate":
+        print(json.dumps(commands.evaluate_command(cfg), indent=2))
+    else:
+        {"train": commands.train_command, "tokenize": commands.tokenize_command,
+         "precompute": commands.precompute_command}[args.command](cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -210,7 +210,8 @@ class Config:
         return Path(self.data.cache_dir) if self.data.cache_dir else self.ref_cache_dir.parent / "token_cache"
 
     def validate(self) -> None:
-        """Checks across keys that types alone cannot express."""
+        """Checks across keys that types alone cannot express. What needs another module's knowledge
+        (loss names, metric names) is checked there when a run is built: `commands.load_run_config`."""
         choices = {
             "data.truncation": (self.data.truncation, ("keep_end", "keep_start", "drop")),
             "train.scheduler": (self.train.scheduler, ("cosine", "linear", "constant")),
@@ -241,19 +242,8 @@ class Config:
                 close = difflib.get_close_matches(name, trackers, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(trackers)} or none)"
                 raise UserError(f"config: train.report_to: unknown tracker {name!r}{hint}")
-        if self.train.save_best is not None:
-            from dpo_dist.metrics import MEAN_KEYS
-
-            known = [f"eval/{key}" for key in MEAN_KEYS]
-            if self.train.save_best not in known:
-                close = difflib.get_close_matches(self.train.save_best, known, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(known)})"
-                raise UserError(f"config: train.save_best={self.train.save_best!r} is not an eval metric{hint}")
-            if self.train.save_best_mode not in ("min", "max"):
-                raise UserError(f"config: train.save_best_mode must be min or max, got {self.train.save_best_mode!r}")
-        from dpo_dist.losses import check_loss_config
-
-        check_loss_config(self.loss)
+        if self.train.save_best_mode not in ("min", "max"):
+            raise UserError(f"config: train.save_best_mode must be min or max, got {self.train.save_best_mode!r}")
         if not 0 <= self.train.warmup_ratio < 1:
             raise UserError(f"config: train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
         if len(self.train.adam_betas) != 2:

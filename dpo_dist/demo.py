@@ -11,8 +11,9 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from dpo_dist.config import load_config
+from dpo_dist.commands import evaluate_command, load_run_config, precompute_command, train_command
 from dpo_dist.report import write_report
+from dpo_dist.tiny import save_tiny_model
 
 # A randomly initialised model needs a far larger step size than a pretrained one. β = 0.5 (not
 # 0.1) makes the run settle: measured on 2 cores, held-out accuracy 0.946-0.963 whatever CPU kernels
@@ -37,8 +38,6 @@ def demo_data_files() -> dict[str, str]:
 
 
 def build_demo_model(path: Path, train_file: str) -> Path:
-    from dpo_dist.tiny import save_tiny_model
-
     if (path / "config.json").is_file():
         return path
     texts = []
@@ -54,9 +53,6 @@ def _summary(metrics: dict) -> str:
 
 
 def run_demo(output_dir: str, config_path: Path | None, overrides: list[str]) -> dict:
-    from dpo_dist.cli import evaluate_command, precompute_command
-    from dpo_dist.trainer import Trainer
-
     out = Path(output_dir)
     files = demo_data_files()
     model_dir = build_demo_model(out / "model", files["train"])
@@ -69,15 +65,13 @@ def run_demo(output_dir: str, config_path: Path | None, overrides: list[str]) ->
         "resume=null",
         *DEMO_SETTINGS,
     ]
-    cfg = load_config(config_path, base + list(overrides))
+    cfg = load_run_config(config_path, base + list(overrides))
     precompute_command(cfg)
 
-    before_cfg = load_config(config_path, base + list(overrides) + [f"output_dir={out / 'eval_before'}"])
+    before_cfg = load_run_config(config_path, base + list(overrides) + [f"output_dir={out / 'eval_before'}"])
     before = evaluate_command(before_cfg)
-    trainer = Trainer(cfg)
-    trainer.train()
-    trainer.close()
-    after_cfg = load_config(
+    train_command(cfg)
+    after_cfg = load_run_config(
         config_path,
         base + list(overrides) + [
             f"output_dir={out / 'eval_after'}",

@@ -7,7 +7,7 @@ Hashing a 70B reference reads ~140 GB, so a file is read at most once while it s
   - any other file's SHA-256 is kept in a sidecar (`DPO_DIST_CACHE_HOME`, default
     `~/.cache/dpo_dist/file_digests.json`) keyed by its path, size, mtime and inode, as make and
     rsync trust them; rewriting a file changes its mtime, so it is hashed again.
-Callers hash on one rank and broadcast the result (see `distributed.on_main_broadcast`).
+Callers hash on one rank and broadcast the result (see `collectives.on_main_broadcast`).
 """
 
 from __future__ import annotations

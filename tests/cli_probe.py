@@ -1,5 +1,5 @@
 """Launched by multi-process tests: runs the real CLI (`dpo-dist ARGS`) and reports, per rank, how
-each reference model that `distributed.load_reference` hands out is held, whether any is still alive
+each reference model that `reference.engine.load_reference` hands out is held, whether any is still alive
 when the policy is built, how many files this rank hashed for the fingerprint, how many rows it
 tokenized, and what the splits it opened hold: JSON lines in $PROBE_DIR/rank-R.jsonl (a file per
 rank: lines of two ranks on one stdout can interleave)."""
@@ -13,13 +13,14 @@ import weakref
 
 import numpy as np
 
-from dpo_dist import cli, distributed, fingerprint, trainer
+from dpo_dist import cli, distributed, fingerprint, session
 from dpo_dist.data import token_cache
+from dpo_dist.reference import engine
 
-load_reference = distributed.load_reference
+load_reference = engine.load_reference
 prepare_policy = distributed.prepare_policy
 sha256_of_file = fingerprint.sha256_of_file
-load_splits = trainer.load_splits
+load_splits = session.load_splits
 tokenize_rows = token_cache.tokenize_rows
 hashed = []
 tokenized_rows = []
@@ -74,8 +75,8 @@ def probing_load_splits(*args, **kwargs):
     return splits
 
 
-distributed.load_reference = probing_load_reference
-trainer.load_splits = probing_load_splits
+engine.load_reference = probing_load_reference
+session.load_splits = probing_load_splits
 token_cache.tokenize_rows = counting_tokenize_rows
 distributed.prepare_policy = probing_prepare_policy
 fingerprint.sha256_of_file = counting_sha256_of_file

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["DPO_DIST_CACHE_HOME"] = tempfile.mkdtemp(prefix="dpo_dist_digests_")
 
 REPO = Path(__file__).resolve().parent.parent
+# Step-0 rewards when the policy is the reference: exactly 0 on the CPU (the same reductions in both
+# forwards); on a GPU, nondeterministic reductions and other batch layouts leave one forward's noise.
+ZERO_REWARD_TOLERANCE = 1e-4 if torch.cuda.is_available() else 0.0
 WORDS = ("the cat sat on a mat while dogs ran far away from home to see some birds fly high over "
          "green hills and blue seas under bright warm sun every day").split()
 

@@ -4,9 +4,9 @@ per rank, what the distributed setup looks like (one JSON line prefixed PROBE)."
 import json
 import sys
 
-from dpo_dist.batching import rank_share
+from dpo_dist.data.batching import rank_share
 from dpo_dist.config import load_config
-from dpo_dist.trainer import Trainer
+from dpo_dist.training.trainer import Trainer
 
 trainer = Trainer(load_config(None, sys.argv[1:]))
 acc = trainer.accelerator

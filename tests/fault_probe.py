@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from dpo_dist import cli, trainer
+from dpo_dist import cli
+from dpo_dist.training import trainer
 
 NAN_AT = {int(s) for s in os.environ.get("NAN_AT_STEPS", "").split(",") if s}
 train_step = trainer.Trainer.train_step

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from dpo_dist.commands import load_run_config
 from dpo_dist.config import describe_keys, load_config, save_config
 from dpo_dist.errors import UserError
 
@@ -31,12 +32,13 @@ def test_resolved_config_round_trips(tmp_path):
     ("train.micro_batch_size=2.5", "train.micro_batch_size=2.5 has the wrong type"),
     ("loss.type=dpo", "loss.type='dpo' is not one of"),
     ("loss.beta=0", "loss.beta must be > 0"),
+    ("train.save_best=eval/los", "train.save_best='eval/los' is not an eval metric; did you mean 'eval/loss'?"),
     ("train.grad_accum=0", "train.grad_accum must be >= 1"),
     ("lr", "not of the form"),
 ])
 def test_bad_config_is_refused_by_name(override, message):
     with pytest.raises(UserError, match=message.replace("?", r"\?").replace("(", r"\(")):
-        load_config(None, [override])
+        load_run_config(None, [override])
 
 
 def test_every_key_is_documented():
@@ -52,7 +54,8 @@ def test_cli_help_and_config_error_exit_code(tmp_path):
     for key in ("loss.type", "loss.weights", "loss.label_smoothing", "loss.f_divergence_type",
                 "loss.f_alpha_divergence_coef", "loss.use_weighting", "loss.ld_alpha", "loss.discopop_tau"):
         assert f"  {key} (" in help_text, key
-    for typo, nearest in (("train.lrr=1", "train.lr"), ("loss.f_divergnce_type=js_divergence", "loss.f_divergence_type")):
+    for typo, nearest in (("train.lrr=1", "train.lr"), ("loss.f_divergnce_type=js_divergence", "loss.f_divergence_type"),
+                          ("loss.type=sigmod", "sigmoid"), ("train.save_best=eval/los", "eval/loss")):
         result = run_cli("train", typo)
         assert result.returncode == 2 and f"did you mean '{nearest}'" in result.stderr
         assert "Traceback" not in result.stderr

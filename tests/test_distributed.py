@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, accelerate, run_cli, text_rows, torchrun, write_jsonl
+from conftest import REPO, ZERO_REWARD_TOLERANCE, accelerate, run_cli, text_rows, torchrun, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +190,7 @@ def test_lora_under_zero(setup, tiny, config, port):
                      launcher=accelerate(config, port))
     assert result.returncode == 0, result.stderr[-4000:]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["rewards/chosen"] == 0 and first["pairs"] == 4  # base model = reference at step 0
+    assert abs(first["rewards/chosen"]) <= ZERO_REWARD_TOLERANCE and first["pairs"] == 4  # base model = reference
     adapter = load_file(out / "final" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # it trained

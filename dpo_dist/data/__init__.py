@@ -5,6 +5,7 @@ rows.py        forms, validation, implicit prompts, column names
 tokenize.py    batched tokenization (as TRL 1.16) and truncation, into flat arrays
 store.py       Pair / Sequence views over those arrays; PreferenceData
 token_cache.py tokenize once (ranks share the chunks), open memory-mapped everywhere
+batching.py    pairs -> micro-batches: step plans, rank shares, padded / packed / shared layouts and masks
 """
 
 from dpo_dist.data.sources import resolve_files, resolve_sources

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpo_dist import distributed, fingerprint
+from dpo_dist import collectives, fingerprint
 from dpo_dist.config import Config, DataConfig
 from dpo_dist.data.rows import detect_form, rename_columns
 from dpo_dist.data.sources import Chunk, Source, resolve_sources
@@ -152,7 +152,7 @@ def prepare_split(cfg: Config, accelerator, name: str, spec, tokenizer) -> Prefe
     what = f"data.{name}"
     sources = resolve_sources(spec, what)
     settings = token_settings(sources, cfg.data, what)
-    parts = distributed.on_main_broadcast(
+    parts = collectives.on_main_broadcast(
         accelerator, lambda: fingerprint_parts(sources, tokenizer, settings, cfg.data.chunk_rows))
     folder = cfg.token_cache_dir / name
     manifest = fingerprint.read_manifest(folder, "token cache")

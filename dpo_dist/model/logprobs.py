@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dpo_dist.batching import MicroBatch
+from dpo_dist.data.batching import MicroBatch
 
 HEAD_FLAG = "_dpo_dist_response_head"
 CHUNK_ROWS = 1024  # positions per vocabulary projection: CHUNK_ROWS × vocab floats at a time
@@ -74,6 +74,13 @@ def install_response_head(model: torch.nn.Module) -> bool:
     head.forward = forward  # an instance attribute: hooks (ZeRO-3 gathering) and state_dict unchanged
     setattr(head, HEAD_FLAG, True)
     return True
+
+
+def _additive_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The model's dtype where its attention adds a 4-D mask to the scores (eager), else None
+    (sdpa, flex and flash take boolean masks or none). Found through DDP / DeepSpeed / peft wrappers."""
+    inner = next((m for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")), None)
+    return inner.dtype if inner is not None and inner.config._attn_implementation == "eager" else None
 
 
 def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -142,8 +149,8 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False)
     targets[:, :-1] = batch.input_ids[:, 1:]
     scored = torch.zeros_like(batch.response_mask)
     scored[:, :-1] = batch.response_mask[:, 1:]
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
-                  position_ids=batch.position_ids, use_cache=False)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask(_additive_mask_dtype(model)),
+                  position_ids=batch.position_ids, use_cache=False, **batch.varlen_kwargs())
     head = _find_head(model)
     with _compile_settings(batch):
         if head is not None:

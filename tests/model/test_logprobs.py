@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_jsonl
-from dpo_dist.batching import collate
+from dpo_dist.data.batching import collate
 from dpo_dist.data import Sequence, load_preference_data
-from dpo_dist.logprobs import install_response_head, sequence_logps, token_logps
+from dpo_dist.model.logprobs import install_response_head, sequence_logps, token_logps
 
 
 def naive_logp(model, seq: Sequence, first: int | None = None) -> float:
@@ -134,10 +134,24 @@ def test_packed_equals_padded(tiny, text_pairs, packing):
         torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_varlen_boundaries_equal_what_transformers_derives(text_pairs, model_and_tokenizer):
+    """collate gives flash varlen its sequence boundaries (int32) and longest length (a Python int),
+    equal to what transformers would derive from the position ids in every layer."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    batch = collate(text_pairs, model_and_tokenizer[1].pad_token_id, packing="varlen")
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch.position_ids)
+    kwargs = batch.varlen_kwargs()
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and torch.equal(kwargs["cu_seq_lens_q"], cu_q)
+    assert torch.equal(kwargs["cu_seq_lens_k"], cu_k)
+    assert type(kwargs["max_length_q"]) is int and kwargs["max_length_q"] == kwargs["max_length_k"] == int(max_q)
+    assert collate(text_pairs, 0, packing="block_mask").varlen_kwargs() == {}
+
+
 def test_response_head_equals_full_logits_and_never_builds_them(tiny, text_pairs, monkeypatch):
     """The chunked response-only head gives the full-logits numbers and gradients; the largest
     vocabulary projection it makes is one chunk, never [tokens x vocab] for the batch."""
-    import dpo_dist.logprobs as lp
+    import dpo_dist.model.logprobs as lp
 
     tok = AutoTokenizer.from_pretrained(tiny["reference"])
     batch = collate(text_pairs, tok.pad_token_id)
@@ -160,7 +174,7 @@ def test_response_head_equals_full_logits_and_never_builds_them(tiny, text_pairs
 
 
 def test_pack_rows_fits_every_sequence_once():
-    from dpo_dist.batching import pack_rows
+    from dpo_dist.data.batching import pack_rows
 
     lengths = [9, 3, 7, 1, 5, 5, 2, 8]
     rows = pack_rows(lengths, 9)
@@ -187,6 +201,29 @@ def test_shared_prefix_equals_padded(tiny, data, request):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for name in grad_a:
         torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("data", ["text_file", "dialogue_file"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_eager_equals_sdpa_on_every_layout(tiny, data, layout, request):
+    """Eager attention adds a 4-D mask to its scores: packed and shared layouts give it 0 / dtype-min,
+    so eager = sdpa = the padded sdpa batch, in log-probs and gradients."""
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = list(load_preference_data(str(request.getfixturevalue(data)), tok, 1024, "keep_end").pairs)
+    packing = None if layout == "padded" else "block_mask"
+    batch = collate(pairs, tok.pad_token_id, packing=packing, share_prefix=layout == "shared")
+    expected, grad_expected = grads_of(response_model(tiny["reference"], "sdpa"), collate(pairs, tok.pad_token_id))
+    for attn in ("sdpa", "eager"):
+        got, grad_got = grads_of(response_model(tiny["reference"], attn), batch)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=attn)
+        for name in grad_expected:
+            torch.testing.assert_close(grad_got[name], grad_expected[name], rtol=1e-4, atol=1e-6, msg=f"{attn} {name}")
+
+
+def response_model(path, attn: str):
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    install_response_head(model)
+    return model
 
 
 def test_flex_attention_equals_padded(tiny, text_file, dialogue_file):

@@ -6,7 +6,7 @@ schedule and every rank's RNG state), then renamed to `step-NNNNNN/`, and only t
 `checkpoints/latest` (a one-line file) name it. A crash at any point leaves `latest` naming the
 previous complete checkpoint. `trainer_state.json`, written last, records every file's size:
 `resume=auto` passes over a checkpoint whose files were cut short (saying so) to the one before. The data position is the step count: the data order is a pure
-function of the seed and the step (see batching.StepPlan).
+function of the seed and the step (see `data.batching.StepPlan`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import os
 import shutil
 from pathlib import Path
 
-from dpo_dist.config import Config, ModelConfig, save_config
+from dpo_dist.config import Config, ModelConfig, load_config, save_config
+from dpo_dist.distributed import transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
+from dpo_dist.model import loading
 
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
@@ -148,8 +150,6 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
             # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.
             from peft import AutoPeftModelForCausalLM
 
-            from dpo_dist.distributed import transformers_zero3_off
-
             with transformers_zero3_off(accelerator):  # only this rank loads: no ZeRO-3 partitioning
                 merged = AutoPeftModelForCausalLM.from_pretrained(tmp).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
@@ -176,9 +176,6 @@ def export_checkpoint(checkpoint_dir: Path, output: Path) -> None:
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
-    from dpo_dist import models
-    from dpo_dist.config import load_config
-
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / STATE_FILE).is_file():
         raise UserError(f"{checkpoint_dir}: not a complete dpo_dist checkpoint (no {STATE_FILE})")
@@ -189,11 +186,11 @@ def export_checkpoint(checkpoint_dir: Path, output: Path) -> None:
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
     else:
         state_dict = load_file(checkpoint_dir / "model.safetensors")
-    model = models.load_policy(cfg.model)
+    model = loading.load_policy(cfg.model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Every trained weight must come from the checkpoint; frozen ones (a LoRA base) from model.policy.
     missing_trained = {n for n, p in model.named_parameters() if p.requires_grad} & set(missing)
     if unexpected or missing_trained:
         raise UserError(f"{checkpoint_dir}: weights do not fit model.policy ({len(missing_trained)} trained "
                         f"weights missing, {len(unexpected)} unexpected keys)")
-    export_final(Accelerator(cpu=True), model, models.load_tokenizer(cfg.model), Path(output), cfg.model)
+    export_final(Accelerator(cpu=True), model, loading.load_tokenizer(cfg.model), Path(output), cfg.model)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_dist.errors import UserError
-from dpo_dist.logprobs import SequenceScores
+from dpo_dist.model.logprobs import SequenceScores
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 
 from dpo_dist.config import ModelConfig
 from dpo_dist.errors import UserError
+from dpo_dist.model.logprobs import install_response_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$")
@@ -74,10 +75,8 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_causal_lm(path: Path, cfg: ModelConfig) -> torch.nn.Module:
-    """A causal LM whose LM head can score response tokens only (see logprobs.install_response_head)."""
+    """A causal LM whose LM head can score response tokens only (see `logprobs.install_response_head`)."""
     from transformers import AutoModelForCausalLM
-
-    from dpo_dist.logprobs import install_response_head
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
     install_response_head(model)

@@ -7,13 +7,14 @@ padding pair counts for nothing. Names follow TRL's (`rewards/chosen`, `logps/re
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 
 import torch
 
 from dpo_dist.errors import UserError
-from dpo_dist.losses import LossOutput
+from dpo_dist.training.losses import LossOutput
 
 # Per-pair quantities that are averaged over pairs; `pairs` and `tokens` are plain counts.
 MEAN_KEYS = (
@@ -27,6 +28,15 @@ MEAN_KEYS = (
     "logps/accuracies",
 )
 COUNT_KEYS = ("pairs", "tokens")
+
+
+def check_save_best(metric: str | None) -> None:
+    """`train.save_best` must name an eval metric (the nearest one is suggested)."""
+    known = [f"eval/{key}" for key in MEAN_KEYS]
+    if metric is not None and metric not in known:
+        close = difflib.get_close_matches(metric, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(known)})"
+        raise UserError(f"config: train.save_best={metric!r} is not an eval metric{hint}")
 
 
 class MetricSums:

@@ -19,39 +19,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpo_dist import checkpoint, distributed, fingerprint, models
-from dpo_dist.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
-from dpo_dist.config import Config, LossConfig, save_config
-from dpo_dist.data import PreferenceData, prepare_split
+from dpo_dist import distributed, fingerprint
+from dpo_dist.config import Config, LossConfig
+from dpo_dist.data import PreferenceData
+from dpo_dist.data.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
 from dpo_dist.errors import Preempted, RunStopped
-from dpo_dist.logprobs import SequenceScores, sequence_logps
-from dpo_dist.losses import LossOutput, PairScores, couples_pairs, preference_loss
-from dpo_dist.metrics import MetricsLogger, MetricSums
-from dpo_dist.ref_cache import RefLogps, prepare_reference, run_fingerprint
-
-
-def load_splits(cfg: Config, tokenizer, accelerator) -> dict[str, PreferenceData]:
-    """The train (and eval) pairs from the token cache, which the ranks build together when needed."""
-    splits = {"train": prepare_split(cfg, accelerator, "train", cfg.data.train, tokenizer)}
-    if cfg.data.eval:
-        splits["eval"] = prepare_split(cfg, accelerator, "eval", cfg.data.eval, tokenizer)
-    for name, data in splits.items():
-        accelerator.print(data.summary(name))
-    return splits
-
-
-def setup_run(cfg: Config):
-    """What every command starts with: the accelerator, the resolved config on disk, the
-    tokenizer and the tokenized splits. Returns (accelerator, tokenizer, splits)."""
-    accelerator = distributed.build_accelerator(cfg)
-    distributed.seed_everything(cfg.train.seed)
-    if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    tokenizer = models.load_tokenizer(cfg.model)
-    if cfg.train.prefix_sharing and not cfg.share_prefix:
-        accelerator.print(f"train.prefix_sharing: not with packing={cfg.packing_mode} (the attention kernel cannot "
-                          "take the shared-prompt mask); sequences are packed unshared")
-    return accelerator, tokenizer, load_splits(cfg, tokenizer, accelerator)
+from dpo_dist.model.logprobs import SequenceScores, sequence_logps
+from dpo_dist.reference.cache import RefLogps, run_fingerprint
+from dpo_dist.reference.precompute import prepare_reference
+from dpo_dist.session import setup_run
+from dpo_dist.training import checkpoint
+from dpo_dist.training.losses import LossOutput, PairScores, couples_pairs, preference_loss
+from dpo_dist.training.metrics import MetricsLogger, MetricSums
 
 
 def score_batch(model, batch: MicroBatch, ref, loss_cfg: LossConfig, sft_scale: float | None = None) -> LossOutput:
@@ -133,10 +112,11 @@ class Trainer:
             f"{self.total_steps} steps"
         )
 
-    def train_step(self, positions: list[int], sums: MetricSums) -> tuple[float | None, bool]:
-        """One optimizer step over the global batch `positions`; returns the gradient norm and
-        whether loss and gradient norm were finite (if not, no optimizer step was taken: DeepSpeed
-        skips one whose gradient norm is not finite, and so does this loop otherwise)."""
+    def train_step(self, positions: list[int], sums: MetricSums) -> tuple[float | None, bool, bool]:
+        """One optimizer step over the global batch `positions`; returns the gradient norm, whether
+        loss and gradient norm were finite (if not, no optimizer step was taken: DeepSpeed skips one
+        whose gradient norm is not finite, and so does this loop otherwise), and whether any rank
+        was signalled to stop (one all-reduce carries both flags)."""
         acc, cfg = self.accelerator, self.cfg
         train = self.splits["train"]
         shares = rank_share(positions, acc.num_processes, acc.process_index, cfg.train.grad_accum)
@@ -150,7 +130,7 @@ class Trainer:
             objectives = self._coupled_objectives(positions, batches, sums)
         else:
             objectives = self._pairwise_objectives(positions, batches, sums)
-        grad_norm, finite = None, True
+        grad_norm, finite, preempted = None, True, False
         nonfinite = torch.zeros(1, device=acc.device)
         for batch, objective in zip(batches, objectives):
             with acc.accumulate(self.model):
@@ -161,12 +141,15 @@ class Trainer:
                     max_norm = cfg.train.max_grad_norm or float("inf")
                     norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                     grad_norm = None if norm is None else float(norm)
-                    nonfinite = acc.reduce(nonfinite, reduction="sum") if acc.num_processes > 1 else nonfinite
-                    finite = nonfinite.item() == 0 and (grad_norm is None or math.isfinite(grad_norm))
+                    flags = torch.cat([nonfinite, nonfinite.new_tensor([float(self.preemption.signalled)])])
+                    flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
+                    nonfinite_count, signalled = flags.tolist()
+                    finite = nonfinite_count == 0 and (grad_norm is None or math.isfinite(grad_norm))
+                    preempted = signalled > 0
                 if finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad()
-        return grad_norm, finite
+        return grad_norm, finite, preempted
 
     def handle_nonfinite(self, positions: list[int]) -> None:
         """train.on_nonfinite: stop here (nothing of this step is saved), or count a skipped step
@@ -289,7 +272,7 @@ class Trainer:
                 _, positions = self.plan.step_positions(self.step)
                 lr = self.scheduler.get_last_lr()[0]
                 before = sums.sums.clone()
-                grad_norm, finite = self.train_step(positions, sums)
+                grad_norm, finite, preempted = self.train_step(positions, sums)
                 if finite:
                     self.nonfinite_in_row = 0
                 else:
@@ -322,7 +305,6 @@ class Trainer:
                     acc.print(f"step {self.step}: eval loss {eval_values['eval/loss']:.4f}, "
                               f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
                     self.keep_if_best(eval_values)
-                preempted = self.preemption.requested()
                 if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
                     checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg, self.run_identity)
                     window_start = time.perf_counter()  # saving is not training time

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpo_dist.data import Pair
+from dpo_dist.data.store import Pair
 
 
 @dataclass
@@ -29,7 +29,9 @@ class MicroBatch:
     batch is used (`attention_mask`), on its device, never shipped as [rows, T, T] from the host.
     response_mask marks response tokens; seq_index says which sequence (0..2B-1) each token is of
     (-1 for padding); unit_index, side: which unit a token belongs to and its side of the prompt
-    (0 shared, 1 chosen, 2 rejected). index, weight: [B].
+    (0 shared, 1 chosen, 2 rejected). index, weight: [B]. cu_seq_lens, max_length ("varlen" only):
+    the flash kernels' sequence boundaries (int32 [units + 1]) and longest unit, computed here on the
+    host so that no layer derives them from the position ids (host syncs in every layer).
     """
 
     input_ids: torch.Tensor
@@ -42,6 +44,8 @@ class MicroBatch:
     index: torch.Tensor
     weight: torch.Tensor
     packing: str | None = None
+    cu_seq_lens: torch.Tensor | None = None
+    max_length: int | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -51,8 +55,17 @@ class MicroBatch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return MicroBatch(**moved)
 
-    def attention_mask(self):
-        """What the model's `attention_mask` argument gets for this layout."""
+    def varlen_kwargs(self) -> dict:
+        """What transformers' flash attention takes to skip deriving boundaries from position ids."""
+        if self.packing != "varlen":
+            return {}
+        return dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens,
+                    max_length_q=self.max_length, max_length_k=self.max_length)
+
+    def attention_mask(self, additive_dtype: torch.dtype | None = None):
+        """What the model's `attention_mask` argument gets for this layout. `additive_dtype`: the 4-D
+        mask as 0 / dtype-min in that dtype instead of booleans, for kernels that add the mask to
+        their scores (eager: transformers hands a 4-D mask through as given, and True adds 1)."""
         if self.packing == "varlen":
             return None
         if self.packing is None:
@@ -71,8 +84,12 @@ class MicroBatch:
             return create_block_mask(lambda b, h, q, kv: visible(b, q, kv), rows, None, width, width,
                                      device=self.input_ids.device, _compile=self.input_ids.device.type != "cpu")
         positions = torch.arange(width, device=unit.device)
-        return visible(torch.arange(rows, device=unit.device)[:, None, None], positions[None, :, None],
+        mask = visible(torch.arange(rows, device=unit.device)[:, None, None], positions[None, :, None],
                        positions[None, None, :])[:, None]
+        if additive_dtype is None:
+            return mask
+        return torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(additive_dtype).min)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -163,6 +180,11 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
                 side[r, start : start + n] = seg.side
                 start += n
     lengths = [len(p.chosen.ids) for p in pairs] + [len(p.rejected.ids) for p in pairs]
+    varlen = {}
+    if packing == "varlen":
+        order = layout[0]
+        varlen = dict(cu_seq_lens=torch.tensor(np.cumsum([0] + [unit_lengths[u] for u in order]), dtype=torch.int32),
+                      max_length=max(unit_lengths))
     return MicroBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -174,6 +196,7 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
         weight=torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32),
         packing=packing,
+        **varlen,
     )
 
 

@@ -70,8 +70,8 @@ def test_evaluate_matches_trl(tiny, data, request, tmp_path):
 @pytest.mark.parametrize("data", FORMS)
 def test_per_pair_logps_match_plain_forward(tiny, data, request):
     """Per pair, through our tokenization, against an unpadded forward of the same tokens (1e-5)."""
-    from dpo_dist.batching import collate
-    from dpo_dist.logprobs import sequence_logps
+    from dpo_dist.data.batching import collate
+    from dpo_dist.model.logprobs import sequence_logps
 
     tok = AutoTokenizer.from_pretrained(tiny["policy"])
     pairs = load_preference_data(str(request.getfixturevalue(data)), tok, 1024, "keep_end").pairs

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpo_dist.config import LossConfig, load_config
+from dpo_dist.commands import load_run_config
+from dpo_dist.config import LossConfig
 from dpo_dist.errors import UserError
-from dpo_dist.logprobs import SequenceScores
-from dpo_dist.losses import LOSSES, PairScores, preference_loss
+from dpo_dist.model.logprobs import SequenceScores
+from dpo_dist.training.losses import LOSSES, PairScores, preference_loss
 
 B, T = 6, 12  # pairs, sequence length (prompt 3 tokens, then responses of different lengths)
 
@@ -135,7 +136,7 @@ CASES = [dict(type=name, label_smoothing=1e-3 if name == "exo_pair" else 0.0) fo
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_loss_and_gradient_equal_trl(accelerator, case):
-    cfg = load_config(overrides=["model.policy=x", "data.train=x"] + [f"loss.{k}={v}" for k, v in case.items()]).loss
+    cfg = loss_cfg(**case)
     inputs = make_inputs()
     theirs, their_grad = trl_loss(accelerator, cfg, *inputs)
     ours, our_grad = our_loss(cfg, *inputs)
@@ -151,7 +152,8 @@ def scores_of(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tokens=N
 
 
 def loss_cfg(**keys) -> LossConfig:
-    return load_config(overrides=["model.policy=x", "data.train=x"] + [f"loss.{k}={v}" for k, v in keys.items()]).loss
+    """The loss section of a run's config, checked as a run checks it."""
+    return load_run_config(None, ["model.policy=x", "data.train=x"] + [f"loss.{k}={v}" for k, v in keys.items()]).loss
 
 
 def test_cdpo_label_smoothing_and_rewards():

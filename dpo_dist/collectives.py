@@ -1,0 +1,39 @@
+"""Object collectives over the run's processes: work done once and shared, lists joined in rank order.
+
+Plain `torch.distributed` calls on an accelerate `Accelerator`'s process group; with one process
+they cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpo_dist.errors import UserError
+
+
+def on_main_broadcast(accelerator, compute):
+    """`compute()` on the main process only, its result sent to every rank: expensive work (hashing
+    gigabytes) done once, not once per rank. A UserError there is raised on every rank."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = compute()
+        except UserError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        # torch's own: accelerate's wrapper skips the broadcast for some CPU setups (MULTI_GPU yaml, gloo).
+        box = [result, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def all_gather_objects(accelerator, items: list) -> list:
+    """Every rank's `items`, concatenated in rank order, on every rank."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    per_rank = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(per_rank, list(items))
+    return [item for rank_items in per_rank for item in rank_items]

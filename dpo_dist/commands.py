@@ -1,0 +1,70 @@
+"""What `dpo-dist tokenize / precompute / train / evaluate` do, given a resolved config: the functions
+the CLI and the demo both call. Each builds its run (accelerator, tokenizer, splits), works, closes.
+
+Heavy imports stay inside the functions, so `dpo-dist --help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpo_dist.config import Config, load_config
+
+
+def load_run_config(path: Path | None, overrides: list[str]) -> Config:
+    """`config.load_config`, plus the checks that need the losses' and metrics' own names."""
+    from dpo_dist.training.losses import check_loss_config
+    from dpo_dist.training.metrics import check_save_best
+
+    cfg = load_config(path, overrides)
+    check_loss_config(cfg.loss)
+    check_save_best(cfg.train.save_best)
+    return cfg
+
+
+def tokenize_command(cfg: Config) -> None:
+    from dpo_dist.session import setup_run
+
+    acc, _, _ = setup_run(cfg)  # prints each split's summary
+    acc.print(f"token cache ready at {cfg.token_cache_dir}")
+    acc.end_training()
+
+
+def precompute_command(cfg: Config) -> None:
+    from dpo_dist.reference.precompute import precompute
+    from dpo_dist.session import setup_run
+
+    acc, tokenizer, splits = setup_run(cfg)
+    built = precompute(cfg, acc, splits, tokenizer)
+    acc.print(f"reference cache {'written to' if built else 'already complete at'} {cfg.ref_cache_dir}")
+    acc.end_training()
+
+
+def train_command(cfg: Config) -> None:
+    from dpo_dist.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def evaluate_command(cfg: Config) -> dict:
+    """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
+    from dpo_dist.model import loading
+    from dpo_dist.reference.precompute import prepare_reference
+    from dpo_dist.session import setup_run
+    from dpo_dist.training.trainer import evaluate_policy
+
+    # The same splits as `train`, so the training run's cache (same fingerprint) serves here too.
+    acc, tokenizer, splits = setup_run(cfg)
+    name = "eval" if "eval" in splits else "train"
+    ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
+    policy = acc.prepare_model(loading.load_causal_lm(loading.policy_path(cfg.model), cfg.model), evaluation_mode=True)
+    metrics = evaluate_policy(policy, splits[name], ref, cfg, acc, tokenizer.pad_token_id)
+    if acc.is_main_process:
+        (Path(cfg.output_dir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+    acc.end_training()
+    return metrics
