@@ -12,7 +12,8 @@
 #              (eager, flex, flash varlen in bf16 only when flash_attn is installed)           ~1 min
 #  2. train    ZeRO-2 and ZeRO-3 on one GPU, bf16, sdpa and flex_attention, each run its own
 #              reference pass; step-1 loss = log 2, all finite, final/ loads. flex runs through
-#              strict_compile.py with TORCH_LOGS=recompiles: a recompile storm fails the run  ~3 min
+#              strict_compile.py with TORCH_LOGS=recompiles: a recompile storm fails the run. And
+#              without DeepSpeed: bf16 weights with fp32 master copies under bf16 autocast     ~3.5 min
 #  3. 2 ranks  (>= 2 GPUs; on the CPU: gloo) ZeRO-3 with the partitioned reference, LoRA, the aot
 #              loss (gathered over ranks), SIGKILL after the first checkpoint, resume=auto:
 #              the final adapter equals an uninterrupted run's                                  ~1 min
@@ -42,12 +43,12 @@ check() {  # check NAME LIMIT_SECONDS COMMAND...: runs it (logs in $out/NAME.log
 
 if [ "$mode" = cpu ]; then
   export DS_ACCELERATOR=cpu
-  device=cpu; dtypes=(float32); train_dtype=float32; attns=(eager); suffix=_cpu
+  device=cpu; dtypes=(float32); precision=fp32; train_dtype=float32; attns=(eager); suffix=_cpu
   size=(64 2); pairs=32; steps=4; ranks=2
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   [ "${GPU_CHECK_NO_INSTALL:-0}" = 1 ] || pip install -q -e ".[test]" || status=1
-  device=cuda; dtypes=(float32 bfloat16); train_dtype=bfloat16; attns=(sdpa flex_attention); suffix=
+  device=cuda; dtypes=(float32 bfloat16); precision=bf16; train_dtype=bfloat16; attns=(sdpa flex_attention); suffix=
   size=(1024 8); pairs=256; steps=40
   ranks=$(python -c "import torch; print(torch.cuda.device_count())")
 fi
@@ -67,7 +68,7 @@ work, hidden, layers, pairs = Path(sys.argv[1]), *map(int, sys.argv[2:])
 make_model(work / "model", hidden=hidden, layers=layers)
 make_data(work / "data.jsonl", pairs, prompt_words=(60, 240), response_words=(20, 80))
 PY
-common=("model.policy=$work/model" "data.train=$work/data.jsonl" "model.dtype=$train_dtype" train.lr=1e-5
+common=("model.policy=$work/model" "data.train=$work/data.jsonl" "train.mixed_precision=$precision" train.lr=1e-5
         train.log_every=1 train.micro_batch_size=4 train.report_to=none)
 
 for zero in zero2 zero3; do
@@ -81,6 +82,11 @@ for zero in zero2 zero3; do
     check "result_${zero}_${attn}" 120 python benchmarks/check_run.py "$run" --dtype "$train_dtype"
   done
 done
+
+# Without DeepSpeed: bf16 weights stepped through fp32 master copies (and bf16 autocast), both modes.
+check train_master_weights 240 python -m dpo_dist train "${common[@]}" train.mixed_precision=bf16 \
+  model.dtype=bfloat16 "output_dir=$work/master" "train.max_steps=$steps" train.save_every=0
+check result_master_weights 120 python benchmarks/check_run.py "$work/master" --dtype bfloat16
 
 if [ "$ranks" -ge 2 ]; then
   two=("${common[@]}" model.lora.r=8 loss.type=aot train.max_steps=24 train.save_every=4 train.keep_last=10)

@@ -2,7 +2,7 @@
 
     python benchmarks/vs_trl.py [--pairs 96 --batch 8 --repeats 3 --hidden 256 --layers 4 --shape loguniform]
 
-Same locally built Llama, same variable-length pairs, same global batch, one epoch each, fp32.
+Same locally built Llama, same variable-length pairs, same global batch, one epoch each.
 --shape loguniform: prompt 8-300 words, responses 4-200 (log-uniform); long_prompt: prompt 120-480
 words, responses 40-160 (prompts ~3x the responses, as in multi-turn data); short: prompt 8-40,
 responses 4-30 (with --hidden 1024 --layers 8: a weight-bound ~70M model, where peak memory is the
@@ -14,7 +14,10 @@ training state). Runs, interleaved, `--repeats` times:
   dpo_dist      dpo-dist precompute + train with packing, prefix sharing off (the cache pass
                 included: it is part of epoch 1's cost)
   dpo_dist_padded   the same with train.packing=false (one padded row per sequence, as TRL)
-  dpo_dist_shared   the defaults: packing and train.prefix_sharing (each pair's prompt computed once)
+  dpo_dist_shared   packing and train.prefix_sharing (each pair's prompt computed once), fp32
+  dpo_dist_bf16     the same with train.mixed_precision=bf16: autocast over fp32 weights
+  dpo_dist_bf16_weights   bf16 weights (model.dtype=bfloat16) with fp32 master weights in the optimizer
+All dpo_dist runs but the bf16 ones set train.mixed_precision=fp32 (auto would pick bf16 on a GPU).
 Each run is its own child process; time covers building the trainer through the end of training
 (model loading included for all). Prints a table of medians and writes benchmarks/results.md.
 """
@@ -35,7 +38,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, make_data, make_model, timestamp  # noqa: E402
 
-MODES = ("trl", "trl_defaults", "trl_precomp", "dpo_dist", "dpo_dist_padded", "dpo_dist_shared")
+# Each dpo_dist run's settings on top of the defaults (packing and prefix sharing on).
+DPO_DIST_MODES = {
+    "dpo_dist": ["train.prefix_sharing=false", "train.mixed_precision=fp32"],
+    "dpo_dist_padded": ["train.packing=false", "train.prefix_sharing=false", "train.mixed_precision=fp32"],
+    "dpo_dist_shared": ["train.mixed_precision=fp32"],
+    "dpo_dist_bf16": ["train.mixed_precision=bf16"],
+    "dpo_dist_bf16_weights": ["train.mixed_precision=bf16", "model.dtype=bfloat16"],
+}
+MODES = ("trl", "trl_defaults", "trl_precomp", *DPO_DIST_MODES)
 SHAPES = {"loguniform": {}, "long_prompt": {"prompt_words": (120, 480), "response_words": (40, 160)},
           "short": {"prompt_words": (8, 40), "response_words": (4, 30)}}
 
@@ -69,8 +80,7 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
                   "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
-                  f"train.packing={mode != 'dpo_dist_padded'}", f"train.prefix_sharing={mode == 'dpo_dist_shared'}",
-                  f"model.attn_implementation={attn}"]
+                  f"model.attn_implementation={attn}", *DPO_DIST_MODES[mode]]
         try:
             main(["precompute", f"output_dir={work / 'pre'}", *common])
             main(["train", f"output_dir={work / 'run'}", *common, f"train.micro_batch_size={batch}",
@@ -88,8 +98,8 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
             num_train_epochs=1, learning_rate=1e-6, logging_steps=1000, save_strategy="no",
             max_length=max_length, precompute_ref_log_probs=mode == "trl_precomp",
             precompute_ref_batch_size=batch, dataloader_num_workers=0, disable_tqdm=True,
-            # TRL 1.16 defaults to bf16 and gradient checkpointing; dpo_dist runs fp32 without
-            # recomputation here, so the other TRL runs do too (CPU bf16 makes TRL ~10x slower).
+            # TRL 1.16 defaults to bf16 and gradient checkpointing; the other TRL runs are fp32 without
+            # recomputation, as dpo_dist's fp32 runs.
             bf16=mode == "trl_defaults", gradient_checkpointing=mode == "trl_defaults",
         )
         trainer = DPOTrainer(
@@ -172,7 +182,8 @@ def main() -> None:
     where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else torch_device_name()
     header = (f"Llama hidden {args.hidden} x {args.layers} layers (vocab 512), {args.pairs} pairs "
               f"({tokens} tokens, {args.shape} prompt+response lengths), global batch {args.batch}, one epoch, "
-              f"fp32 (trl_defaults: bf16 autocast, gradient checkpointing), {args.attn}, {where}; "
+              f"fp32 but trl_defaults (bf16 autocast, gradient checkpointing) and dpo_dist_bf16* (bf16 autocast; "
+              f"_weights: bf16 weights, fp32 masters), {args.attn}, {where}; "
               f"median of {args.repeats} interleaved repeats; {timestamp()}.")
     command = (f"python benchmarks/vs_trl.py --pairs {args.pairs} --batch {args.batch} --repeats {args.repeats} "
                f"--hidden {args.hidden} --layers {args.layers} --shape {args.shape}")

@@ -53,6 +53,7 @@ def train_command(cfg: Config) -> None:
 
 def evaluate_command(cfg: Config) -> dict:
     """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
+    from dpo_dist.distributed import run_forward_dtypes
     from dpo_dist.model import loading
     from dpo_dist.reference.precompute import prepare_reference
     from dpo_dist.session import setup_run
@@ -62,7 +63,9 @@ def evaluate_command(cfg: Config) -> dict:
     acc, tokenizer, splits = setup_run(cfg)
     name = "eval" if "eval" in splits else "train"
     ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
-    policy = acc.prepare_model(loading.load_causal_lm(loading.policy_path(cfg.model), cfg.model), evaluation_mode=True)
+    weights_dtype, _ = run_forward_dtypes(cfg, acc)  # the precision training runs in (autocast: by prepare_model)
+    policy = loading.load_causal_lm(loading.policy_path(cfg.model), cfg.model).to(dtype=weights_dtype)
+    policy = acc.prepare_model(policy, evaluation_mode=True)
     metrics = evaluate_policy(policy, splits[name], ref, cfg, acc, tokenizer.pad_token_id)
     if acc.is_main_process:
         (Path(cfg.output_dir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -48,7 +48,9 @@ class ModelConfig:
         None, "Reference (SFT) model: a folder or a hub id; null = the policy's starting weights."
     )
     lora: LoraConfig | None = _field(None, "LoRA settings; null trains all weights.")
-    dtype: str = _field("float32", "Weights dtype: float32, bfloat16 or float16. Log-probs are summed in float32.")
+    dtype: str = _field(
+        "float32", "Dtype the weights are loaded (and exported) in: float32, bfloat16 or float16. Trainable weights "
+        "step in float32 whatever it is (fp32 master copies of bf16/fp16 weights). Log-probs are summed in float32.")
     attn_implementation: str = _field(
         "sdpa", "transformers attention kernel: sdpa, eager, flex_attention (compiled; skips masked-out blocks; "
         "trains on GPUs only, PyTorch has no CPU backward) or flash_attention_2.")
@@ -109,6 +111,10 @@ class LossConfig:
 class TrainConfig:
     micro_batch_size: int = _field(4, "Pairs per forward pass per process.")
     grad_accum: int = _field(1, "Micro-batches per optimizer step.")
+    mixed_precision: str = _field(
+        "auto", "Precision of every forward, the reference pass included: auto (bf16 on a GPU that has it, else "
+        "fp32), fp32, bf16 or fp16 (GPU only). Without DeepSpeed: autocast over fp32 weights; under DeepSpeed: "
+        "fills the JSON's \"auto\" bf16/fp16 blocks (a JSON that states another precision is refused).")
     lr: float = _field(5.0e-7, "Peak learning rate.")
     max_steps: int = _field(-1, "Optimizer steps; -1 = run `epochs` epochs.")
     epochs: int = _field(1, "Passes over the training pairs (used when max_steps is -1).")
@@ -217,6 +223,7 @@ class Config:
             "train.scheduler": (self.train.scheduler, ("cosine", "linear", "constant")),
             "train.on_nonfinite": (self.train.on_nonfinite, ("stop", "skip")),
             "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
+            "train.mixed_precision": (self.train.mixed_precision, ("auto", "fp32", "bf16", "fp16")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

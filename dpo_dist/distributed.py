@@ -23,6 +23,8 @@ import torch
 from dpo_dist.model import loading
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
+from dpo_dist.precision import (ACCELERATE_NAMES, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
+                                resolve_precision)
 
 
 def seed_everything(seed: int) -> None:
@@ -31,9 +33,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _deepspeed_plugin(cfg: Config):
+def _deepspeed_plugin(cfg: Config, precision: str):
     """The DeepSpeed plugin from `distributed.deepspeed`, with our config as the one source of the
-    batch size, accumulation and clipping (the JSON keeps only what is DeepSpeed's own)."""
+    batch size, accumulation, clipping and precision (the JSON keeps only what is DeepSpeed's own)."""
     from accelerate.utils import DeepSpeedPlugin
 
     path = cfg.distributed.deepspeed
@@ -49,6 +51,11 @@ def _deepspeed_plugin(cfg: Config):
         zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero3)
     ds = plugin.deepspeed_config
+    source = path or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "of `accelerate launch`")
+    check_deepspeed_precision(ds, cfg, precision, f"DeepSpeed JSON {source}")
+    if precision != "fp32":
+        # DeepSpeed accumulates bf16 / fp16 gradients in that dtype unless told (DeepSpeed issue 2768).
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["gradient_clipping"] = cfg.train.max_grad_norm
@@ -65,7 +72,9 @@ def build_accelerator(cfg: Config):
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
-    plugin = _deepspeed_plugin(cfg)
+    precision = resolve_precision(cfg)
+    plugin = _deepspeed_plugin(cfg, precision)
+    check_attention_precision(cfg, precision, deepspeed=plugin is not None)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # accelerate 1.15 picks no backend on a CPU-only machine: with DeepSpeed every rank believes
         # it is process 0 of 1 while DeepSpeed partitions over all of them; without it the ranks run
@@ -80,6 +89,7 @@ def build_accelerator(cfg: Config):
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     accelerator = Accelerator(
+        mixed_precision=ACCELERATE_NAMES[precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         deepspeed_plugin=plugin,
         kwargs_handlers=[timeout],
@@ -87,7 +97,36 @@ def build_accelerator(cfg: Config):
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
     )
+    accelerator.print(f"precision: {describe_precision(cfg, precision, plugin is not None)}")
+    if accelerator.device.type == "cuda" and precision == "fp32":
+        torch.set_float32_matmul_precision("high")
+        accelerator.print("fp32 on CUDA: TF32 matmuls allowed (torch.set_float32_matmul_precision('high'))")
     return accelerator
+
+
+def describe_precision(cfg: Config, precision: str, deepspeed: bool) -> str:
+    """One line for the log: what runs in which dtype."""
+    weights, autocast = forward_dtypes(cfg, precision, deepspeed)
+    parts = [f"train.mixed_precision={cfg.train.mixed_precision} -> {precision}",
+             f"forward weights {str(weights).removeprefix('torch.')}"]
+    if autocast is not None:
+        parts.append(f"autocast {str(autocast).removeprefix('torch.')}")
+    parts.append("optimizer steps fp32 (DeepSpeed's master weights)" if deepspeed else
+                 "optimizer steps fp32" + (" master copies" if cfg.model.dtype != "float32" else ""))
+    return ", ".join(parts)
+
+
+def check_attention_precision(cfg: Config, precision: str, deepspeed: bool) -> None:
+    """flash-attn has no fp32 kernels: refuse an fp32 forward with it here, not inside the kernel."""
+    if cfg.model.attn_implementation.startswith("flash_attention") and forward_dtypes(cfg, precision, deepspeed) == (
+            torch.float32, None):
+        raise UserError(f"model.attn_implementation={cfg.model.attn_implementation} runs in bf16 / fp16 only; "
+                        "set train.mixed_precision=bf16 (or model.dtype=bfloat16), or use sdpa")
+
+
+def run_forward_dtypes(cfg: Config, accelerator) -> tuple[torch.dtype, torch.dtype | None]:
+    """`precision.forward_dtypes` of this run: what the policy's and the reference's forwards read."""
+    return forward_dtypes(cfg, resolve_precision(cfg), uses_deepspeed(accelerator))
 
 
 class PreemptionWatch:
@@ -151,6 +190,8 @@ def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:
     # temporaries are as large as the parameters (75M: 288 MiB), and a per-tensor loop on the CPU,
     # several times slower than fused (benchmarks/optimizer_step.py).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    if not uses_deepspeed(accelerator) and any(p.dtype != torch.float32 for p in params):
+        return MasterWeightAdamW(params, fused=fused, **kwargs)  # DeepSpeed keeps its own fp32 masters
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 

@@ -1,6 +1,6 @@
 """Launched by multi-process tests: runs the real CLI (`dpo-dist ARGS`) and reports, per rank, how
 each reference model that `reference.engine.load_reference` hands out is held, whether any is still alive
-when the policy is built, how many files this rank hashed for the fingerprint, how many rows it
+when the policy is built, the dtypes of its trained and frozen weights once prepared, how many files this rank hashed for the fingerprint, how many rows it
 tokenized, and what the splits it opened hold: JSON lines in $PROBE_DIR/rank-R.jsonl (a file per
 rank: lines of two ranks on one stdout can interleave)."""
 
@@ -49,10 +49,14 @@ def probing_load_reference(cfg, accelerator):
     return model
 
 
-def probing_prepare_policy(*args, **kwargs):
+def probing_prepare_policy(cfg, accelerator, *args, **kwargs):
     gc.collect()
     probe({"kind": "policy", "references_alive": sum(ref() is not None for ref in references)})
-    return prepare_policy(*args, **kwargs)
+    model, optimizer, scheduler = prepare_policy(cfg, accelerator, *args, **kwargs)
+    params = list(accelerator.unwrap_model(model).named_parameters())
+    probe({"kind": "prepared", "trained_dtypes": sorted({str(p.dtype) for _, p in params if p.requires_grad}),
+           "frozen_dtypes": sorted({str(p.dtype) for _, p in params if not p.requires_grad})})
+    return model, optimizer, scheduler
 
 
 def counting_sha256_of_file(path):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,27 @@ def probe_launch(args: list[str], port: int, env: dict | None = None, launcher: 
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "PROBE_DIR": str(probe_dir), **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for f in sorted(probe_dir.glob("rank-*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def launch_background(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    """`dpo-dist train ARGS` in its own process group, for tests that kill it."""
+    cmd = (launcher or [sys.executable]) + ["-m", "dpo_dist", "train", *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
+    proc.wait()
+
+
+def latest_step(out) -> int:
+    pointer = out / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.is_file() else 0
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)

@@ -4,9 +4,7 @@ invariance, sharded checkpoints with exact resume after SIGKILL, HF export, LoRA
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, ZERO_REWARD_TOLERANCE, accelerate, run_cli, text_rows, torchrun, write_jsonl
+from conftest import (REPO, ZERO_REWARD_TOLERANCE, accelerate, kill_group, latest_step, launch_background, run_cli,
+                      text_rows, torchrun, wait_for, write_jsonl)
 
 pytestmark = pytest.mark.slow
 
@@ -86,29 +85,6 @@ def test_final_weights_do_not_depend_on_processes_or_split(setup):
             torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
     lines = [json.loads(line) for line in (root / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [line["pairs"] for line in lines] == [4.0] * 4  # metrics count every pair of both ranks
-
-
-def launch_background(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
-    cmd = (launcher or [sys.executable]) + ["-m", "dpo_dist", "train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
-    proc.wait()
-
-
-def latest_step(out) -> int:
-    pointer = out / "checkpoints" / "latest"
-    return int(pointer.read_text().strip().split("-")[1]) if pointer.is_file() else 0
-
-
-def wait_for(condition, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(setup):

@@ -53,7 +53,7 @@ def user_creation_collisions(text: str) -> list[str]:
     """UIDs the Dockerfile gives with `useradd --uid` that a user of its base image already holds,
     unless that user was removed (`userdel`) before."""
     base = re.search(r"^FROM nvidia/cuda:\S+-(ubuntu\d+\.\d+)", text, re.M)
-    assert base and base.group(1) in BASE_IMAGE_USERS, f"unknown base image: add its users to BASE_IMAGE_USERS"
+    assert base and base.group(1) in BASE_IMAGE_USERS, "unknown base image: add its users to BASE_IMAGE_USERS"
     existing = dict(BASE_IMAGE_USERS[base.group(1)])
     collisions = []
     for match in re.finditer(r"userdel(?:\s+-\S+)*\s+(\w+)|useradd\b[^&\n]*--uid\s+(\d+)", text):

@@ -56,6 +56,7 @@ def test_gpu_check_cpu_mode_runs_every_check_and_fails_when_one_is_off(tmp_path)
     assert rows.pop("equality_float32") == "FAIL"
     expected = {f"{kind}_{zero}_{attn}" for kind in ("train", "result") for zero in ("zero2", "zero3")
                 for attn in ("eager",)}
+    expected |= {"train_master_weights", "result_master_weights"}
     expected |= {"two_ranks_straight", "two_ranks_killed_and_resumed", "two_ranks_same_weights"}
     assert set(rows) == expected
     assert all(value == "PASS" for value in rows.values()), table + result.stdout[-4000:]

@@ -13,15 +13,16 @@ PACKAGE = REPO / "dpo_dist"
 LAYERS = {
     "dpo_dist.errors": 0,
     "dpo_dist.config": 1, "dpo_dist.fingerprint": 1, "dpo_dist.collectives": 1, "dpo_dist.tiny": 1,
-    "dpo_dist.data": 2,
-    "dpo_dist.model": 3,
-    "dpo_dist.distributed": 4,
-    "dpo_dist.reference": 5,
-    "dpo_dist.session": 6,
-    "dpo_dist.training": 7,
-    "dpo_dist.commands": 8, "dpo_dist.report": 8, "dpo_dist.demo": 8, "dpo_dist.cli": 8, "dpo_dist.__main__": 8,
+    "dpo_dist.precision": 2,
+    "dpo_dist.data": 3,
+    "dpo_dist.model": 4,
+    "dpo_dist.distributed": 5,
+    "dpo_dist.reference": 6,
+    "dpo_dist.session": 7,
+    "dpo_dist.training": 8,
+    "dpo_dist.commands": 9, "dpo_dist.report": 9, "dpo_dist.demo": 9, "dpo_dist.cli": 9, "dpo_dist.__main__": 9,
 }
-ENTRY_POINTS = 8  # these may import each other (no circle, see below)
+ENTRY_POINTS = 9  # these may import each other (no circle, see below)
 
 
 def module_names() -> dict[str, object]:

@@ -29,8 +29,11 @@ def test_deepspeed_json_leaves_batch_settings_to_dpo_dist(path):
     ds = json.loads(path.read_text())
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert ds[key] == "auto", key
-    if "cpu" in path.stem:  # CPU variants: fp32 and a plain torch optimizer
-        assert not ds["bf16"]["enabled"] and ds["zero_force_ds_cpu_optimizer"] is False
+    # One source of truth for precision: train.mixed_precision fills these; gradients accumulate in fp32.
+    assert ds["bf16"]["enabled"] == ds["fp16"]["enabled"] == "auto"
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    if "cpu" in path.stem:  # CPU variants: a plain torch optimizer
+        assert ds["zero_force_ds_cpu_optimizer"] is False
 
 
 def test_every_gpu_config_has_a_cpu_variant_that_tests_run():

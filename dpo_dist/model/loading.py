@@ -16,8 +16,8 @@ import torch
 from dpo_dist.config import ModelConfig
 from dpo_dist.errors import UserError
 from dpo_dist.model.logprobs import install_response_head
+from dpo_dist.precision import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$")
 # What a causal LM needs from a hub repo: never the duplicate `original/*.pth` of some repos.
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]

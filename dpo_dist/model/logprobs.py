@@ -38,9 +38,21 @@ def _picked_logps(logits: torch.Tensor, targets: torch.Tensor, with_sq: bool) ->
     return torch.stack([picked, aligned], dim=-1)
 
 
+def _fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """hidden @ weightᵀ + bias as float32 logits, outside autocast: fp32 weights (autocast runs) give
+    an fp32 matmul; bf16 / fp16 weights accumulate into fp32 output directly on CUDA (no rounding of
+    the logits to 16 bits first) and are upcast after the matmul elsewhere. [N, H] -> [N, V]."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        hidden = hidden.to(weight.dtype)
+        if weight.dtype == torch.float32 or not hidden.is_cuda:
+            return F.linear(hidden, weight, bias).float()
+        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        return logits if bias is None else logits + bias.float()
+
+
 def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, with_sq: bool):
     """`_picked_logps` of hidden @ weightᵀ + bias. hidden [N, H], targets [N] -> [N] (or [N, 2])."""
-    return _picked_logps(F.linear(hidden, weight, bias), targets, with_sq)
+    return _picked_logps(_fp32_logits(hidden, weight, bias), targets, with_sq)
 
 
 def install_response_head(model: torch.nn.Module) -> bool:

@@ -29,6 +29,7 @@ from dpo_dist import collectives, fingerprint
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
 from dpo_dist.data.batching import MicroBatch
+from dpo_dist.distributed import run_forward_dtypes
 from dpo_dist.errors import UserError
 from dpo_dist.model import loading
 from dpo_dist.model.logprobs import SequenceScores
@@ -58,8 +59,10 @@ class RefLogps:
         return RefLogps(*(t.to(device) for t in vars(self).values()))
 
 
-def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer) -> dict[str, str]:
+def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer,
+                      forward: tuple[torch.dtype, torch.dtype | None]) -> dict[str, str]:
     """What the cached numbers depend on, part by part, so a mismatch can say which part changed.
+    `forward`: the dtypes of the reference's forward (weights, autocast; see `precision`).
     Reads the reference weights unless their digests are known: see `run_fingerprint`."""
     ref_dir = loading.reference_path(cfg.model)
     weights = sorted(p for p in ref_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
@@ -77,17 +80,20 @@ def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer)
         "truncation": cfg.data.truncation,
         "columns": cfg.data.columns,
         "chat_template_kwargs": cfg.data.chat_template_kwargs,
-        "dtype": cfg.model.dtype,
         "forms": {name: data.form for name, data in splits.items()},
         "shard_size": cfg.ref_cache.shard_size,
     }
     parts["preprocessing settings"] = json.dumps(settings, sort_keys=True)
+    weights, autocast = forward
+    parts["forward precision"] = json.dumps({"weights": str(weights).removeprefix("torch."),
+                                             "autocast": autocast and str(autocast).removeprefix("torch.")})
     return parts
 
 
 def run_fingerprint(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict[str, str]:
     """`fingerprint_parts`, computed once on the main process and broadcast to every rank."""
-    return collectives.on_main_broadcast(accelerator, lambda: fingerprint_parts(cfg, splits, tokenizer))
+    forward = run_forward_dtypes(cfg, accelerator)
+    return collectives.on_main_broadcast(accelerator, lambda: fingerprint_parts(cfg, splits, tokenizer, forward))
 
 
 def shard_name(split: str, k: int) -> str:

@@ -14,7 +14,7 @@ import gc
 import torch
 
 from dpo_dist.config import Config
-from dpo_dist.distributed import transformers_zero3_off, zero_stage
+from dpo_dist.distributed import run_forward_dtypes, transformers_zero3_off, zero_stage
 from dpo_dist.model import loading
 from dpo_dist.model.logprobs import install_response_head
 from dpo_dist.reference.partitioned import NotSliceable, build_partitioned
@@ -60,9 +60,10 @@ def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
     copy, no optimizer state; `offload_param` honoured). Its forwards are collectives: every rank
     must run the same number of them.
     """
+    weights_dtype, _ = run_forward_dtypes(cfg, accelerator)  # as the policy's forward reads them
     if not reference_is_partitioned(accelerator):
         with transformers_zero3_off(accelerator):
-            return loading.load_reference(cfg.model).to(accelerator.device)
+            return loading.load_reference(cfg.model).to(accelerator.device, dtype=weights_dtype)
     import deepspeed
     from transformers import AutoConfig
 
@@ -70,7 +71,7 @@ def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
     ds_config = inference_ds_config(accelerator, getattr(AutoConfig.from_pretrained(path), "hidden_size", None))
     with transformers_zero3_off(accelerator):
         try:
-            model = build_partitioned(path, loading.DTYPES[cfg.model.dtype], cfg.model.attn_implementation, ds_config,
+            model = build_partitioned(path, weights_dtype, cfg.model.attn_implementation, ds_config,
                                       accelerator.process_index)
             install_response_head(model)  # load_causal_lm below installs it itself
         except NotSliceable as why:

@@ -30,15 +30,18 @@ class ResidentReference:
 
     Same scoring function as the cache's, so both give the same numbers; it exists as the
     baseline the cache is measured against, and for data that changes between epochs. The model
-    is placed by `engine.load_reference` (whole on this device, or ZeRO-3 partitioned).
+    is placed by `engine.load_reference` (whole on this device, or ZeRO-3 partitioned); `autocast`
+    (the accelerator's) runs it in the run's precision, as the policy.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, autocast):
         self.model = model
+        self.autocast = autocast
 
     @torch.no_grad()
     def for_batch(self, batch: MicroBatch) -> SequenceScores:
-        return sequence_logps(self.model, batch)
+        with self.autocast():
+            return sequence_logps(self.model, batch)
 
     def to(self, device: torch.device | str) -> ResidentReference:
         return self
@@ -83,15 +86,15 @@ def _reference_pass(cfg: Config, accelerator, splits: dict[str, PreferenceData],
     model = engine.load_reference(cfg, accelerator)
     bar = tqdm(total=sum(s[3] for s in shards), desc="reference pass", unit="pair",
                disable=not accelerator.is_local_main_process)
-    for split, k, start, count in shards:
-        tensors = score_shard(model, splits[split], start, count, cfg, pad_id, accelerator.device)
-        path = cfg.ref_cache_dir / shard_name(split, k)
-        write_shard(path, tensors)
-        bar.update(count)
-    bar.close()
-    any_split = next(iter(splits.values()))
-    for _ in range(fillers):  # as many collective forwards as the busiest rank; results unused
-        score_shard(model, any_split, 0, 1, cfg, pad_id, accelerator.device)
+    with accelerator.autocast():  # the run's precision (DeepSpeed runs cast the weights instead)
+        for split, k, start, count in shards:
+            tensors = score_shard(model, splits[split], start, count, cfg, pad_id, accelerator.device)
+            write_shard(cfg.ref_cache_dir / shard_name(split, k), tensors)
+            bar.update(count)
+        bar.close()
+        any_split = next(iter(splits.values()))
+        for _ in range(fillers):  # as many collective forwards as the busiest rank; results unused
+            score_shard(model, any_split, 0, 1, cfg, pad_id, accelerator.device)
     engine.drop_reference(model)
 
 
@@ -144,7 +147,7 @@ def prepare_reference(cfg: Config, accelerator, splits: dict[str, PreferenceData
     resident reference model when the cache is disabled. Each value has `for_batch(batch)`.
     `parts`: this run's `run_fingerprint`, if the caller has it already."""
     if not cfg.ref_cache.enabled:
-        reference = ResidentReference(engine.load_reference(cfg, accelerator))
+        reference = ResidentReference(engine.load_reference(cfg, accelerator), accelerator.autocast)
         return {name: reference for name in splits}
     parts = parts or run_fingerprint(cfg, accelerator, splits, tokenizer)
     if cfg.ref_cache.overwrite or cache_status(cfg, parts) != "complete":

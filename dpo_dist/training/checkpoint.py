@@ -11,16 +11,20 @@ function of the seed and the step (see `data.batching.StepPlan`).
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from dpo_dist.config import Config, ModelConfig, load_config, save_config
 from dpo_dist.distributed import transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
 from dpo_dist.model import loading
+from dpo_dist.precision import DTYPES
 
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
@@ -144,7 +148,15 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
     if accelerator.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        # In the dtype the user loaded (a LoRA adapter: fp32, as it trained), whatever DeepSpeed cast it to.
+        dtype = torch.float32 if model_cfg.lora is not None else DTYPES[model_cfg.dtype]
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if model_cfg.lora is None:  # save_pretrained names the live weights' dtype, not the exported one
+            config = copy.deepcopy(unwrapped.config)
+            config.dtype = dtype
+            config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if model_cfg.lora is not None and model_cfg.lora.save_merged:
             # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.

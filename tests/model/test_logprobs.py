@@ -7,20 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_jsonl
+from oracle import naive_logp
 from dpo_dist.data.batching import collate
-from dpo_dist.data import Sequence, load_preference_data
+from dpo_dist.data import load_preference_data
 from dpo_dist.model.logprobs import install_response_head, sequence_logps, token_logps
-
-
-def naive_logp(model, seq: Sequence, first: int | None = None) -> float:
-    """Sum of log p(token | prefix) over the response tokens of one sequence (only its `first`
-    ones if given), no padding, float64."""
-    ids = torch.as_tensor(seq.ids, dtype=torch.long)[None]
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)
-    positions = range(max(seq.response_start, 1), len(seq.ids))
-    return sum(logp[t - 1, seq.ids[t]].item() for t in list(positions)[:first])
 
 
 def scored(model, pairs, pad_id):
@@ -53,6 +43,31 @@ def test_text_pairs_match_naive_forward(model_and_tokenizer, text_file):
         assert chosen[i].item() == pytest.approx(naive_logp(model, pair.chosen), rel=1e-5)
         assert rejected[i].item() == pytest.approx(naive_logp(model, pair.rejected), rel=1e-5)
         assert nc[i] == pair.chosen.response_tokens and nr[i] == pair.rejected.response_tokens
+
+
+@pytest.mark.parametrize("precision", ["bf16 weights", "bf16 autocast"])
+def test_bf16_forward_gives_fp32_sums_near_the_fp32_oracle(tiny, text_file, precision):
+    """A bf16 forward (bf16 weights, or autocast over fp32 ones) still returns float32 per-sequence
+    sums, within bf16's rounding of the exact fp32 oracle; the response head's logits are fp32."""
+    import dpo_dist.model.logprobs as lp
+
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = load_preference_data(str(text_file), tok, 1024, "keep_end").pairs
+    oracle = AutoModelForCausalLM.from_pretrained(tiny["reference"])
+    dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
+    model = response_model(tiny["reference"], "sdpa").to(dtype)
+    seen = []
+    original = lp._fp32_logits
+    lp._fp32_logits = lambda *args: seen.append(original(*args).dtype) or original(*args)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
+            scores = sequence_logps(model, collate(pairs, tok.pad_token_id, packing="block_mask", share_prefix=True))
+    finally:
+        lp._fp32_logits = original
+    assert scores.logps.dtype == torch.float32 and set(seen) == {torch.float32}
+    expected = torch.tensor([naive_logp(oracle, p.chosen) for p in pairs] + [naive_logp(oracle, p.rejected) for p in pairs],
+                            dtype=torch.float64)
+    torch.testing.assert_close(scores.logps.double(), expected, rtol=2e-2, atol=5e-2)
 
 
 def test_pretokenized_used_verbatim_and_batching_invariant(model_and_tokenizer, tmp_path):

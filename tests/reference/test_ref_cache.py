@@ -17,8 +17,9 @@ from conftest import REPO, ZERO_REWARD_TOLERANCE, accelerate, run_cli, text_rows
 from dpo_dist.config import load_config
 from dpo_dist.data import load_preference_data
 from dpo_dist.errors import UserError
+from dpo_dist.precision import forward_dtypes, resolve_precision
 from dpo_dist.reference.cache import cache_status, fingerprint_parts, load_cache
-from test_logprobs import naive_logp
+from oracle import naive_logp
 
 TWO_PROCS = accelerate("ddp_cpu.yaml", 29611)
 
@@ -119,7 +120,9 @@ def _splits(cfg):
 
 
 def status(cfg):
-    return cache_status(cfg, fingerprint_parts(cfg, *_splits(cfg)))
+    """The cache's status for a one-process run of `cfg` without DeepSpeed."""
+    forward = forward_dtypes(cfg, resolve_precision(cfg), deepspeed=False)
+    return cache_status(cfg, fingerprint_parts(cfg, *_splits(cfg), forward))
 
 
 def test_stale_cache_is_refused_with_the_reason(tiny, text_file, built, tmp_path):
@@ -136,6 +139,10 @@ def test_stale_cache_is_refused_with_the_reason(tiny, text_file, built, tmp_path
     cfg = load_config(None, base + ["data.max_length=16"])
     with pytest.raises(UserError, match="different preprocessing settings"):
         status(cfg)
+
+    for precision in ("train.mixed_precision=bf16", "model.dtype=bfloat16"):  # a bf16 forward's numbers differ
+        with pytest.raises(UserError, match="different forward precision"):
+            status(load_config(None, base + [precision]))
 
     other_tok = tmp_path / "other_tok"
     shutil.copytree(tiny["policy"], other_tok)

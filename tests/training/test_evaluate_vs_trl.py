@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
 from dpo_dist.data import load_preference_data
-from test_logprobs import naive_logp
+from oracle import naive_logp
 
 BETA = 0.2
 
