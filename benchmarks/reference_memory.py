@@ -1,12 +1,15 @@
 """Peak memory per rank of the reference pass: whole on one process vs partitioned by ZeRO-3 on two,
 and the time to fingerprint the reference weights on a first and a second run.
 
-    python benchmarks/reference_memory.py [--hidden 1024 --layers 32 --pairs 16]
+    python benchmarks/reference_memory.py [--hidden 1024 --layers 32 --pairs 16] [--deepspeed JSON]
 
 A weight-dominated model (fp32, ~300M parameters at the defaults; short pairs) so that the memory
 is the weights'. Each pass is its own `dpo-dist precompute` (2 processes: `accelerate launch
 --config_file launch/accelerate/zero3_cpu.yaml`); peak RSS is that of the largest process (rank).
-The two caches must be equal, or the benchmark stops.
+The two caches must be equal, or the benchmark stops. --deepspeed: the 2-process run's DeepSpeed
+JSON instead of ds_configs/zero3_cpu.json, e.g. benchmarks/zero3_hf_docs.json (the ZeRO-3 example of
+the Hugging Face DeepSpeed docs, without offload: what users copy, with training-time budgets of
+gathered parameters that the reference engine must not keep).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--deepspeed", type=Path, help="DeepSpeed JSON of the 2-process run")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +57,8 @@ def main() -> None:
         whole = run_measured([*common, f"output_dir={tmp / 'whole'}"])
         zero3 = run_measured(["-m", "accelerate.commands.launch", "--config_file",
                               str(REPO / "launch" / "accelerate" / "zero3_cpu.yaml"), *common,
-                              f"output_dir={tmp / 'zero3'}"])
+                              f"output_dir={tmp / 'zero3'}",
+                              *([f"distributed.deepspeed={args.deepspeed.resolve()}"] if args.deepspeed else [])])
         for shard in (tmp / "whole" / "ref_cache").glob("*.safetensors"):
             a, b = load_file(shard), load_file(tmp / "zero3" / "ref_cache" / shard.name)
             assert all(torch.equal(a[k], b[k]) for k in a), f"caches differ in {shard.name}"
@@ -61,7 +66,8 @@ def main() -> None:
 
     gib = params * 4 / 2**30
     print(f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, {params / 1e6:.0f}M parameters "
-          f"({gib:.2f} GiB fp32); {args.pairs} short pairs; {timestamp()}\n")
+          f"({gib:.2f} GiB fp32); {args.pairs} short pairs; ZeRO-3 JSON "
+          f"{args.deepspeed or 'ds_configs/zero3_cpu.json'}; {timestamp()}\n")
     print("| reference pass | peak RSS per rank (MiB) | wall (s) | peak vs 1 process |")
     print("|---|---:|---:|---:|")
     for name, r in (("1 process, whole", whole), ("2 processes, ZeRO-3 partitioned", zero3)):

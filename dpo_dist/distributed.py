@@ -147,6 +147,21 @@ class PreemptionWatch:
         print(f"[rank {self.rank}] got {signal.Signals(signum).name}: checkpointing after this step", flush=True)
 
 
+def layout(cfg: Config, accelerator) -> dict:
+    """How this run lays its training state out on disk: what its checkpoints can resume under."""
+    deepspeed = uses_deepspeed(accelerator)
+    return {"processes": accelerator.num_processes, "deepspeed": deepspeed, "zero_stage": zero_stage(accelerator),
+            "fp32_master_copies": not deepspeed and cfg.model.lora is None and cfg.model.dtype != "float32"}
+
+
+def describe_layout(layout: dict) -> str:
+    """e.g. '2 processes under DeepSpeed ZeRO-2', '1 process without DeepSpeed, fp32 master copies'."""
+    n = layout["processes"]
+    text = f"{n} process{'es' if n != 1 else ''} "
+    text += f"under DeepSpeed ZeRO-{layout['zero_stage']}" if layout["deepspeed"] else "without DeepSpeed"
+    return text + (", fp32 master copies" if layout.get("fp32_master_copies") else "")
+
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

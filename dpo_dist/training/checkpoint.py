@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dpo_dist.config import Config, ModelConfig, load_config, save_config
-from dpo_dist.distributed import transformers_zero3_off
+from dpo_dist.distributed import describe_layout, transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
 from dpo_dist.model import loading
 from dpo_dist.precision import DTYPES
@@ -83,10 +83,11 @@ def resolve_resume(resume: str | None, output_dir: Path, say=print) -> Path | No
     return path
 
 
-def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config, run: dict) -> Path:
+def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config, run: dict, layout: dict) -> Path:
     """Writes checkpoint `step` (see the module docstring); `run` (what the step count means: seed,
-    global batch, data and reference fingerprints) is recorded for `check_resumable`. A full disk
-    stops the run with `latest` still naming the previous checkpoint and no half-written folder."""
+    global batch, data and reference fingerprints) and `layout` (processes, DeepSpeed / ZeRO stage)
+    are recorded for `check_resumable`. A full disk stops the run with `latest` still naming the
+    previous checkpoint and no half-written folder."""
     root = _root(output_dir)
     name = f"step-{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -101,7 +102,7 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
             save_config(config, tmp / "config.yaml")  # what `dpo-dist export` rebuilds the model from
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             # Last: marks the folder complete, with every file's size to check on resume.
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run": run, "files": files}))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run": run, "layout": layout, "files": files}))
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
         if not (getattr(err, "errno", None) == errno.ENOSPC or _disk_full(root)):
             raise
@@ -126,9 +127,17 @@ def _disk_full(folder: Path) -> bool:
     return shutil.disk_usage(folder).free < 16 * 2**20
 
 
-def check_resumable(path: Path, run: dict, allow_changes: bool) -> None:
-    """Refuses to resume `path` under settings that change the data order or what a step means."""
-    saved = json.loads((Path(path) / STATE_FILE).read_text()).get("run", {})
+def check_resumable(path: Path, run: dict, allow_changes: bool, layout: dict) -> None:
+    """Refuses to resume `path` under settings that change the data order or what a step means, or
+    under another layout of the training state (its shards would not load)."""
+    state = json.loads((Path(path) / STATE_FILE).read_text())
+    written = state.get("layout")
+    if written is not None and written != layout:
+        raise UserError(f"resume from {path}: it was written by {describe_layout(written)}, this run is "
+                        f"{describe_layout(layout)}; a checkpoint resumes only under the layout that wrote it "
+                        "(resharding across process counts or ZeRO stages is not supported yet): launch as it "
+                        "was launched, or start over with resume=null or a new output_dir")
+    saved = state.get("run", {})
     changed = [key for key in run if key in saved and saved[key] != run[key]]
     if changed and not allow_changes:
         raise UserError(f"resume from {path}: {', '.join(changed)} changed since it was written (the data order or "

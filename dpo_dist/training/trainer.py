@@ -98,11 +98,12 @@ class Trainer:
         self.logger = MetricsLogger(cfg, acc)
         self.preemption = distributed.PreemptionWatch(acc)
         self.run_identity = run_identity(cfg, parts, self.global_batch)
+        self.layout = distributed.layout(cfg, acc)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir, say=acc.print)
         self.best = None  # what OUTPUT_DIR/best/ holds for this run (train.save_best)
         self.nonfinite_in_row = self.nonfinite_skipped = 0
         if resume_from is not None:
-            checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes)
+            checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes, self.layout)
             self.step = checkpoint.load(acc, resume_from)["step"]
             self.best = checkpoint.best_so_far(self.output_dir)
             acc.print(f"resumed from {resume_from} at step {self.step}")
@@ -306,7 +307,8 @@ class Trainer:
                               f"accuracy {eval_values['eval/rewards/accuracies']:.3f}")
                     self.keep_if_best(eval_values)
                 if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
-                    checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg, self.run_identity)
+                    checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg, self.run_identity,
+                                    self.layout)
                     window_start = time.perf_counter()  # saving is not training time
                 if preempted and not last:
                     raise Preempted(f"preempted: checkpoint of step {self.step} saved; resume=auto continues")

@@ -49,6 +49,18 @@ def test_each_rank_gets_its_zero3_partition(tiny):
         assert not joined[tensor.numel():].isnan().any()  # padding written, not left undefined
 
 
+def test_reference_budget_is_the_largest_layer(tiny, tmp_path):
+    """The frozen ZeRO-3 reference keeps about two layers gathered; a layer's size comes from the
+    safetensors headers (no weights read), and is None where there are none."""
+    from dpo_dist.reference.engine import largest_layer_params
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
+    layer = max(sum(p.numel() for p in block.parameters()) for block in model.model.layers)
+    assert largest_layer_params(tiny["policy"]) == layer
+    (tmp_path / "model.bin").write_bytes(b"")
+    assert largest_layer_params(tmp_path) is None
+
+
 def test_unsliceable_checkpoints_are_recognised(tiny, tmp_path):
     with pytest.raises(NotSliceable, match="no safetensors"):
         checkpoint_index(tmp_path)

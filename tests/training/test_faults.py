@@ -137,6 +137,20 @@ def test_resume_with_changed_settings_is_refused(base, tmp_path, change, what):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_resume_under_another_layout_is_refused_by_name(base, tmp_path):
+    """A checkpoint of 2 ZeRO-2 processes restarted as 1 process (same global batch): one line naming
+    both layouts, not a traceback from deep inside accelerate's loader."""
+    root, args = base
+    out = tmp_path / "run"
+    first = run_cli("train", f"output_dir={out}", *args, "train.max_steps=4", "train.micro_batch_size=1",
+                    launcher=accelerate("zero2_cpu.yaml", 29671))
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(out / "final")
+    result = run_cli("train", f"output_dir={out}", *args)
+    one_line_error(result, "written by 2 processes under DeepSpeed ZeRO-2, this run is 1 process without DeepSpeed",
+                   "resume=null")
+
+
 def test_full_disk_while_checkpointing_keeps_latest_and_resumes(base, tmp_path):
     """A small tmpfs (mounted here as root) fills up at the second checkpoint."""
     root, args = base
