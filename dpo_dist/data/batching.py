@@ -18,6 +18,46 @@ from dpo_dist.data.store import Pair
 
 
 @dataclass
+class ScoredTokens:
+    """The positions whose next token is a response token, worked out once on the host, so that the
+    forward needs no boolean indexing or bincount on the device (each a host sync). index [n]: flat
+    positions (row-major over rows × width); target, owner [n]: the next token's id and sequence
+    (0..2B-1); in_shared [n]: 1.0 within the pair's shared length (its first min(chosen, rejected)
+    response tokens, LD-DPO), else 0.0; tokens [2B]: response tokens per sequence."""
+
+    index: torch.Tensor
+    target: torch.Tensor
+    owner: torch.Tensor
+    in_shared: torch.Tensor
+    tokens: torch.Tensor
+
+
+def _rank_in_sequence(owner: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """0, 1, 2, ... along each sequence's scored tokens, given in order (a sequence's tokens are
+    contiguous and ordered in the row-major flattening of any layout of `collate`)."""
+    counts = torch.bincount(owner, minlength=num_seqs)
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(owner, stable=True)
+    rank = torch.empty_like(owner)
+    rank[order] = torch.arange(owner.numel(), device=owner.device) - first[owner[order]]
+    return rank
+
+
+def scored_tokens(input_ids: torch.Tensor, response_mask: torch.Tensor, seq_index: torch.Tensor,
+                  num_seqs: int) -> ScoredTokens:
+    """Position t predicts token t+1 and is scored when t+1 is a response token (never the last
+    column, so t+1 is in the same row)."""
+    scored = torch.zeros_like(response_mask)
+    scored[:, :-1] = response_mask[:, 1:]
+    index = scored.flatten().nonzero().squeeze(1)
+    owner = seq_index.flatten()[index + 1]
+    tokens = torch.bincount(owner, minlength=num_seqs)
+    shared_length = torch.minimum(*tokens.chunk(2)).repeat(2)
+    in_shared = (_rank_in_sequence(owner, num_seqs) < shared_length[owner]).float()
+    return ScoredTokens(index, input_ids.flatten()[index + 1], owner, in_shared, tokens)
+
+
+@dataclass
 class MicroBatch:
     """The chosen sequences of B pairs, then their rejected sequences, as model inputs.
 
@@ -32,6 +72,7 @@ class MicroBatch:
     (0 shared, 1 chosen, 2 rejected). index, weight: [B]. cu_seq_lens, max_length ("varlen" only):
     the flash kernels' sequence boundaries (int32 [units + 1]) and longest unit, computed here on the
     host so that no layer derives them from the position ids (host syncs in every layer).
+    scored: `ScoredTokens`, computed on first use or before a move (`to`), so on the host.
     """
 
     input_ids: torch.Tensor
@@ -46,14 +87,31 @@ class MicroBatch:
     packing: str | None = None
     cu_seq_lens: torch.Tensor | None = None
     max_length: int | None = None
+    scored: ScoredTokens | None = None
 
     @property
     def num_pairs(self) -> int:
         return self.index.numel()
 
+    def scoring(self) -> ScoredTokens:
+        """Which positions are scored, and for which sequence (see `ScoredTokens`)."""
+        if self.scored is None:
+            self.scored = scored_tokens(self.input_ids, self.response_mask, self.seq_index, 2 * self.num_pairs)
+        return self.scored
+
     def to(self, device: torch.device | str) -> MicroBatch:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
-        return MicroBatch(**moved)
+        """The batch on `device`; to a GPU from pinned host memory without blocking the host."""
+        self.scoring()  # here, on the host
+        pinned = torch.device(device).type == "cuda"
+
+        def move(value):
+            if isinstance(value, ScoredTokens):
+                return ScoredTokens(*(move(t) for t in vars(value).values()))
+            if isinstance(value, torch.Tensor):
+                return (value.pin_memory() if pinned else value).to(device, non_blocking=pinned)
+            return value
+
+        return MicroBatch(**{k: move(v) for k, v in vars(self).items()})
 
     def varlen_kwargs(self) -> dict:
         """What transformers' flash attention takes to skip deriving boundaries from position ids."""

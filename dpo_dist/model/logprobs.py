@@ -68,20 +68,17 @@ def install_response_head(model: torch.nn.Module) -> bool:
         request = getattr(head, "_request", None)
         if request is None:
             return plain_forward(hidden)
-        targets, scored, with_sq = request  # [rows, L]: the next token; whether it is a response token
-        selected, selected_targets = hidden[scored], targets[scored]
+        targets, index, with_sq = request  # [n]: the next token, and the flat position predicting it
+        selected, selected_targets = hidden.flatten(0, 1).index_select(0, index), targets
         parts = []
-        for start in range(0, selected.shape[0], CHUNK_ROWS):
+        for start in range(0, index.numel(), CHUNK_ROWS):
             args = (selected[start : start + CHUNK_ROWS], selected_targets[start : start + CHUNK_ROWS],
                     head.weight, head.bias, with_sq)
             # Recomputing the chunk in backward keeps one chunk's logits alive, not all of them.
             parts.append(checkpoint(_target_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else _target_logps(*args))
         tail = (2,) if with_sq else ()
-        values = torch.cat(parts) if parts else hidden.new_zeros((0, *tail), dtype=torch.float32)
-        out = torch.zeros((*scored.shape, *tail), dtype=torch.float32, device=hidden.device)
-        out[scored] = values
-        return out
+        return torch.cat(parts) if parts else hidden.new_zeros((0, *tail), dtype=torch.float32)
 
     head.forward = forward  # an instance attribute: hooks (ZeRO-3 gathering) and state_dict unchanged
     setattr(head, HEAD_FLAG, True)
@@ -101,8 +98,8 @@ def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def _response_request(head: torch.nn.Module, targets: torch.Tensor, scored: torch.Tensor, with_sq: bool):
-    head._request = (targets, scored, with_sq)
+def _response_request(head: torch.nn.Module, targets: torch.Tensor, index: torch.Tensor, with_sq: bool):
+    head._request = (targets, index, with_sq)
     try:
         yield
     finally:
@@ -142,47 +139,27 @@ class SequenceScores:
         return None if value is None else value.chunk(2)
 
 
-def _rank_in_sequence(owner: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """0, 1, 2, ... along each sequence's scored tokens, given in order (a sequence's tokens are
-    contiguous and ordered in the row-major flattening of any layout of `batching.collate`)."""
-    counts = torch.bincount(owner, minlength=num_seqs)
-    first = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(owner, stable=True)
-    rank = torch.empty_like(owner)
-    rank[order] = torch.arange(owner.numel(), device=owner.device) - first[owner[order]]
-    return rank
-
-
 def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False) -> SequenceScores:
     """Response log-probs per sequence from one forward pass over chosen and rejected sequences
-    together, padded or packed (see batching.collate); sums in float32."""
-    # Position t predicts token t+1; it is scored when token t+1 is a response token.
-    targets = torch.zeros_like(batch.input_ids)
-    targets[:, :-1] = batch.input_ids[:, 1:]
-    scored = torch.zeros_like(batch.response_mask)
-    scored[:, :-1] = batch.response_mask[:, 1:]
+    together, padded or packed (see batching.collate); sums in float32. Which positions count comes
+    from the batch (`MicroBatch.scoring`, worked out on the host): no host sync here."""
+    plan = batch.scoring()
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask(_additive_mask_dtype(model)),
                   position_ids=batch.position_ids, use_cache=False, **batch.varlen_kwargs())
     head = _find_head(model)
     with _compile_settings(batch):
         if head is not None:
-            with _response_request(head, targets, scored, wpo):
-                per_token = model(**inputs).logits
+            with _response_request(head, plan.target, plan.index, wpo):
+                values = model(**inputs).logits  # [n] (or [n, 2]): the head scored the positions only
         else:
-            per_token = token_logps(model(**inputs).logits, targets, with_sq=wpo)
-    owner = torch.zeros_like(batch.seq_index)
-    owner[:, :-1] = batch.seq_index[:, 1:]  # the sequence of the predicted token
-    owner = owner[scored]
-    values = per_token[scored].float()  # [n] or [n, 2]
+            logits = model(**inputs).logits.flatten(0, 1).index_select(0, plan.index)
+            values = token_logps(logits[None], plan.target[None], with_sq=wpo)[0]
+    values = values.float()
     logp = values[:, 0] if wpo else values
-    num_seqs = 2 * batch.num_pairs
-    zeros = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
-    tokens = torch.bincount(owner, minlength=num_seqs)
-    shared_length = torch.minimum(*tokens.chunk(2)).repeat(2)
-    in_shared = _rank_in_sequence(owner, num_seqs) < shared_length[owner]
+    zeros = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=values.device)
     return SequenceScores(
-        logps=zeros.index_add(0, owner, logp),
-        tokens=tokens,
-        shared_logps=zeros.index_add(0, owner[in_shared], logp[in_shared]),
-        wpo=zeros.index_add(0, owner, values[:, 1]) / tokens.clamp(min=1) if wpo else None,
+        logps=zeros.index_add(0, plan.owner, logp),
+        tokens=plan.tokens,
+        shared_logps=zeros.index_add(0, plan.owner, logp * plan.in_shared),
+        wpo=zeros.index_add(0, plan.owner, values[:, 1]) / plan.tokens.clamp(min=1) if wpo else None,
     )
