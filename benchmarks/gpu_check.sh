@@ -20,8 +20,16 @@
 #  4. speed    pairs/s against TRL 1.16 (fp32 and its defaults), sdpa and flex_attention       ~2 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mode=gpu
-[ "${1:-}" = "--cpu" ] && mode=cpu
+case "${1:-}" in
+  "") mode=gpu ;;
+  --cpu) mode=cpu ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--cpu]" >&2; exit 2 ;;
+esac
+if [ "$mode" = gpu ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "gpu_check.sh: no CUDA GPU here; bash benchmarks/gpu_check.sh --cpu runs the CPU parts" >&2
+  exit 2
+fi
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 work="$(mktemp -d)"

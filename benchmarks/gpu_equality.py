@@ -6,7 +6,9 @@ Every layout — padded sdpa (the baseline), block_mask sdpa and eager, unshared
 unshared and shared, flash varlen — is run on the same long-prompt pairs; each row prints its
 largest log-prob difference (relative to the largest log-prob) and gradient difference (relative
 to each weight's largest gradient) from the baseline, and PASS or FAIL against the dtype's
-tolerance. Exit code 1 if any row fails. flash varlen runs in bf16 only (its kernels have no fp32);
+tolerance, and the layout's forward + backward time and (CUDA) peak memory above the model: the
+numbers that choose the default attention for packed and shared layouts on a GPU (README
+"Performance"). Exit code 1 if any row fails. flash varlen runs in bf16 only (its kernels have no fp32);
 on the CPU (`--device cpu`) flex and flash are left out (no CPU backward, no kernels).
 `--tolerance-scale` multiplies every tolerance (a negative one makes every row fail: how the
 tests check that a failure reaches the exit code).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +43,8 @@ TOLERANCES = {"float32": (1e-5, 1e-3), "bfloat16": (3e-2, 2e-1)}
 
 
 def logps_and_grads(model_dir: Path, pairs, pad_id: int, attn: str, packing, share: bool, dtype, device: str):
+    """Log-probs, gradients, and the forward + backward's time (ms, the second of two runs: the first
+    compiles) and peak memory above the model (MiB, CUDA only) for one layout."""
     from transformers import AutoModelForCausalLM
 
     from dpo_dist.data.batching import collate
@@ -48,9 +53,21 @@ def logps_and_grads(model_dir: Path, pairs, pad_id: int, attn: str, packing, sha
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to(device)
     install_response_head(model)
     batch = collate(pairs, pad_id, packing=packing, share_prefix=share).to(device)
-    logps = sequence_logps(model, batch).logps
-    (logps * torch.linspace(-1, 1, logps.numel(), device=device)).sum().backward()
-    return logps.detach().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+    cuda = device == "cuda"
+    for _ in range(2):
+        model.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        logps = sequence_logps(model, batch).logps
+        (logps * torch.linspace(-1, 1, logps.numel(), device=device)).sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
+    return logps.detach().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()}, ms, peak
 
 
 def runnable(attn: str, dtype: str, device: str) -> str | None:
@@ -100,23 +117,25 @@ def main() -> int:
         where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(f"{where}, {args.dtype}, {len(pairs)} long-prompt pairs; tolerances: log-probs {tol_logp:.0e}, "
               f"gradients {tol_grad:.0e} (relative)")
-        print("| layout | rel Δ log-prob | rel Δ gradient | result |")
-        print("|---|---:|---:|---|")
+        print("| layout | rel Δ log-prob | rel Δ gradient | result | fwd+bwd ms | peak MiB above the model |")
+        print("|---|---:|---:|---|---:|---:|")
         base = None
         for name, attn, packing, share in LAYOUTS:
             why_not = runnable(attn, args.dtype, args.device)
             if why_not:
-                print(f"| {name} | | | not run: {why_not} |")
+                print(f"| {name} | | | not run: {why_not} | | |")
                 continue
-            logps, grads = logps_and_grads(model_dir, pairs, tok.pad_token_id, attn, packing, share, dtype, args.device)
+            logps, grads, ms, peak = logps_and_grads(model_dir, pairs, tok.pad_token_id, attn, packing, share, dtype,
+                                                     args.device)
+            cost = f"{ms:.0f} | {peak:.0f}"
             if base is None:
                 base = logps, grads
-                print(f"| {name} | baseline | baseline | |")
+                print(f"| {name} | baseline | baseline | | {cost} |")
                 continue
             d_logp, d_grad = differences(logps, grads, base)
             ok = d_logp <= tol_logp and d_grad <= tol_grad
             failed += not ok
-            print(f"| {name} | {d_logp:.2e} | {d_grad:.2e} | {'PASS' if ok else 'FAIL'} |", flush=True)
+            print(f"| {name} | {d_logp:.2e} | {d_grad:.2e} | {'PASS' if ok else 'FAIL'} | {cost} |", flush=True)
     return 1 if failed else 0
 
 

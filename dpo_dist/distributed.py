@@ -88,6 +88,7 @@ def build_accelerator(cfg: Config):
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+    _release_state_of_another_precision(precision)
     accelerator = Accelerator(
         mixed_precision=ACCELERATE_NAMES[precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -102,6 +103,16 @@ def build_accelerator(cfg: Config):
         torch.set_float32_matmul_precision("high")
         accelerator.print("fp32 on CUDA: TF32 matmuls allowed (torch.set_float32_matmul_precision('high'))")
     return accelerator
+
+
+def _release_state_of_another_precision(precision: str) -> None:
+    """accelerate keeps one state per process and refuses another precision in it; a later run in the
+    same process (a notebook, tests after an in-process TRL run in bf16) starts from a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    made_with = AcceleratorState._shared_state.get("_mixed_precision")
+    if made_with is not None and made_with != ACCELERATE_NAMES[precision]:
+        AcceleratorState._reset_state()
 
 
 def describe_precision(cfg: Config, precision: str, deepspeed: bool) -> str:

@@ -90,17 +90,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its Accelerator with its own mixed precision, as a fresh process
-    does; accelerate keeps one process-wide state (set by an earlier test, TRL's bf16 for one) and
-    refuses another precision in it."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """Two different tiny Llamas (policy A, reference B) sharing one tokenizer."""

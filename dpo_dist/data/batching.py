@@ -108,7 +108,8 @@ class MicroBatch:
             if isinstance(value, ScoredTokens):
                 return ScoredTokens(*(move(t) for t in vars(value).values()))
             if isinstance(value, torch.Tensor):
-                return (value.pin_memory() if pinned else value).to(device, non_blocking=pinned)
+                host = pinned and value.device.type == "cpu"
+                return (value.pin_memory() if host else value).to(device, non_blocking=host)
             return value
 
         return MicroBatch(**{k: move(v) for k, v in vars(self).items()})
