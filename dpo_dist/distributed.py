@@ -24,7 +24,7 @@ from dpo_dist.model import loading
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
 from dpo_dist.precision import (ACCELERATE_NAMES, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
-                                resolve_precision)
+                                fp32_master_copies, resolve_precision)
 
 
 def seed_everything(seed: int) -> None:
@@ -123,7 +123,7 @@ def describe_precision(cfg: Config, precision: str, deepspeed: bool) -> str:
     if autocast is not None:
         parts.append(f"autocast {str(autocast).removeprefix('torch.')}")
     parts.append("optimizer steps fp32 (DeepSpeed's master weights)" if deepspeed else
-                 "optimizer steps fp32" + (" master copies" if cfg.model.dtype != "float32" else ""))
+                 "optimizer steps fp32" + (" master copies" if fp32_master_copies(cfg, deepspeed) else ""))
     return ", ".join(parts)
 
 
@@ -162,7 +162,7 @@ def layout(cfg: Config, accelerator) -> dict:
     """How this run lays its training state out on disk: what its checkpoints can resume under."""
     deepspeed = uses_deepspeed(accelerator)
     return {"processes": accelerator.num_processes, "deepspeed": deepspeed, "zero_stage": zero_stage(accelerator),
-            "fp32_master_copies": not deepspeed and cfg.model.lora is None and cfg.model.dtype != "float32"}
+            "fp32_master_copies": fp32_master_copies(cfg, deepspeed)}
 
 
 def describe_layout(layout: dict) -> str:

@@ -58,6 +58,12 @@ def forward_dtypes(cfg: Config, precision: str, deepspeed: bool) -> tuple[torch.
     return DTYPES[cfg.model.dtype], low
 
 
+def fp32_master_copies(cfg: Config, deepspeed: bool) -> bool:
+    """Whether the optimizer steps fp32 copies of low-precision trainable weights: a full fine-tune of
+    bf16 / fp16 weights without DeepSpeed (LoRA adapters are fp32; DeepSpeed keeps its own)."""
+    return not deepspeed and cfg.model.lora is None and cfg.model.dtype != "float32"
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW that steps float32 master copies of low-precision (bf16 / fp16) weights.
 
