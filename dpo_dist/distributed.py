@@ -216,8 +216,8 @@ def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:
     # temporaries are as large as the parameters (75M: 288 MiB), and a per-tensor loop on the CPU,
     # several times slower than fused (benchmarks/optimizer_step.py).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    if not uses_deepspeed(accelerator) and any(p.dtype != torch.float32 for p in params):
-        return MasterWeightAdamW(params, fused=fused, **kwargs)  # DeepSpeed keeps its own fp32 masters
+    if fp32_master_copies(cfg, uses_deepspeed(accelerator)):
+        return MasterWeightAdamW(params, fused=fused, **kwargs)
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
