@@ -25,6 +25,7 @@ from dpo_dist.distributed import describe_layout, transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
 from dpo_dist.model import loading
 from dpo_dist.precision import DTYPES
+from dpo_dist.training import reshard
 
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
@@ -127,17 +128,16 @@ def _disk_full(folder: Path) -> bool:
     return shutil.disk_usage(folder).free < 16 * 2**20
 
 
-def check_resumable(path: Path, run: dict, allow_changes: bool, layout: dict) -> None:
-    """Refuses to resume `path` under settings that change the data order or what a step means, or
-    under another layout of the training state (its shards would not load)."""
-    state = json.loads((Path(path) / STATE_FILE).read_text())
-    written = state.get("layout")
-    if written is not None and written != layout:
-        raise UserError(f"resume from {path}: it was written by {describe_layout(written)}, this run is "
-                        f"{describe_layout(layout)}; a checkpoint resumes only under the layout that wrote it "
-                        "(resharding across process counts or ZeRO stages is not supported yet): launch as it "
-                        "was launched, or start over with resume=null or a new output_dir")
-    saved = state.get("run", {})
+def layout_change(path: Path, layout: dict) -> dict | None:
+    """The layout checkpoint `path` was written under, if it is not `layout` (and was recorded)."""
+    written = json.loads((Path(path) / STATE_FILE).read_text()).get("layout")
+    return None if written in (None, layout) else written
+
+
+def check_resumable(path: Path, run: dict, allow_changes: bool) -> None:
+    """Refuses to resume `path` under settings that change the data order or what a step means (the
+    global batch among them: a layout change must keep micro x accum x data-parallel size)."""
+    saved = json.loads((Path(path) / STATE_FILE).read_text()).get("run", {})
     changed = [key for key in run if key in saved and saved[key] != run[key]]
     if changed and not allow_changes:
         raise UserError(f"resume from {path}: {', '.join(changed)} changed since it was written (the data order or "
@@ -145,9 +145,23 @@ def check_resumable(path: Path, run: dict, allow_changes: bool, layout: dict) ->
                         "train.allow_resume_changes=true to resume anyway")
 
 
-def load(accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
+def load(accelerator, path: Path, layout: dict, model, optimizer, scheduler) -> int:
+    """Restores the training state of checkpoint `path` and returns its step. Under the layout that
+    wrote it, accelerate reads its shards as they are; under another, through a universal checkpoint
+    (`reshard`), which `Trainer` announced to DeepSpeed before building the engine."""
+    written = layout_change(path, layout)
+    if written is None:
+        accelerator.load_state(str(path))
+    else:
+        accelerator.print(f"resume from {path}: written by {describe_layout(written)}, continuing as "
+                          f"{describe_layout(layout)}")
+        folder = reshard.universal_checkpoint(accelerator, path, written,
+                                              reshard.trained_parameter_shapes(accelerator, model))
+        if layout["deepspeed"]:
+            accelerator.load_state(str(folder))
+        else:
+            reshard.load_without_deepspeed(accelerator, model, optimizer, scheduler, folder)
+    return json.loads((Path(path) / STATE_FILE).read_text())["step"]
 
 
 def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig, info: dict | None = None) -> None:

@@ -28,7 +28,7 @@ from dpo_dist.model.logprobs import SequenceScores, sequence_logps
 from dpo_dist.reference.cache import RefLogps, run_fingerprint
 from dpo_dist.reference.precompute import prepare_reference
 from dpo_dist.session import setup_run
-from dpo_dist.training import checkpoint
+from dpo_dist.training import checkpoint, reshard
 from dpo_dist.training.losses import LossOutput, PairScores, couples_pairs, preference_loss
 from dpo_dist.training.metrics import MetricsLogger, MetricSums
 
@@ -93,18 +93,21 @@ class Trainer:
         self.total_steps = (
             cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * self.plan.steps_per_epoch
         )
+        self.layout = distributed.layout(cfg, acc)
+        resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir, say=acc.print)
+        self.run_identity = run_identity(cfg, parts, self.global_batch)
+        if resume_from is not None:
+            checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes)
+            if checkpoint.layout_change(resume_from, self.layout) and self.layout["deepspeed"]:
+                reshard.load_universal_at_prepare(acc)
         self.model, self.optimizer, self.scheduler = distributed.prepare_policy(cfg, acc, self.total_steps)
         self.step = 0
         self.logger = MetricsLogger(cfg, acc)
         self.preemption = distributed.PreemptionWatch(acc)
-        self.run_identity = run_identity(cfg, parts, self.global_batch)
-        self.layout = distributed.layout(cfg, acc)
-        resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir, say=acc.print)
         self.best = None  # what OUTPUT_DIR/best/ holds for this run (train.save_best)
         self.nonfinite_in_row = self.nonfinite_skipped = 0
         if resume_from is not None:
-            checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes, self.layout)
-            self.step = checkpoint.load(acc, resume_from)["step"]
+            self.step = checkpoint.load(acc, resume_from, self.layout, self.model, self.optimizer, self.scheduler)
             self.best = checkpoint.best_so_far(self.output_dir)
             acc.print(f"resumed from {resume_from} at step {self.step}")
         acc.print(

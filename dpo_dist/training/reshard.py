@@ -1,0 +1,178 @@
+"""Resuming a checkpoint under another layout: process count, ZeRO stage, DeepSpeed or not.
+
+Checkpoints are saved in their own layout (every rank writes its shard; nothing is gathered). When
+a run resumes one under another layout, the checkpoint is converted once into DeepSpeed's universal
+checkpoint: a folder per trained parameter holding its whole fp32 value, Adam moments and step
+(`zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`), which no layout owns. ZeRO checkpoints are
+converted by DeepSpeed's own `ds_to_universal`; a checkpoint written without DeepSpeed (one
+accelerate folder: weights, AdamW state) is written out in the same files. The conversion goes to
+`step-N/universal/` (a temp folder renamed into place, once, by the main process on the shared
+filesystem) and is reused by later restarts. A ZeRO run loads it with DeepSpeed's
+`checkpoint.load_universal`, a run without DeepSpeed as weights and AdamW state.
+
+What carries over: weights, Adam moments and step, the LR schedule, the data position (the step:
+the data order is a function of the seed and the step, whatever the layout). What does not: the
+ranks' RNG streams (the new ranks start from the run's seed); they draw no data, only dropout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+from dpo_dist.errors import UserError
+
+UNIVERSAL = "universal"
+TAG = "pytorch_model"  # accelerate's DeepSpeed checkpoint tag: CHECKPOINT/pytorch_model/
+SCHEDULER_FILE = "custom_checkpoint_0.pkl"  # the LR schedule (accelerate.register_for_checkpointing)
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+# The file DeepSpeed reads a universal checkpoint's metadata from: ZeRO-1/2 name it one way, ZeRO-3 another.
+MODEL_STATE_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def load_universal_at_prepare(accelerator) -> None:
+    """Tells DeepSpeed, before the engine is built, that this run's checkpoint is a universal one."""
+    accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+
+
+def universal_checkpoint(accelerator, path: Path, written: dict, shapes: dict[str, torch.Size]) -> Path:
+    """`path/universal/`, converted now if no earlier restart did (every rank waits for it)."""
+    folder = Path(path) / UNIVERSAL
+    if accelerator.is_main_process and not folder.is_dir():
+        tmp = Path(path) / f".tmp-{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.print(f"converting {path} to a universal checkpoint (once; later restarts reuse {folder})")
+        try:
+            if written["deepspeed"]:
+                _from_deepspeed(Path(path) / TAG, tmp / TAG, shapes)
+            else:
+                _from_accelerate(Path(path), tmp / TAG, list(shapes), written["processes"])
+        except (AssertionError, KeyError, RuntimeError, NotImplementedError, ValueError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"resume from {path}: cannot convert it to a universal checkpoint ({err}); launch it "
+                            "as it was written, or start over with resume=null") from None
+        shutil.copy2(Path(path) / SCHEDULER_FILE, tmp / SCHEDULER_FILE)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _from_deepspeed(source: Path, target: Path, shapes: dict[str, torch.Size]) -> None:
+    """DeepSpeed's converter, then what its output lacks to load under every ZeRO stage (ZeRO-3's
+    converter writes flat tensors and no per-parameter step; ZeRO-1/2's loader needs both)."""
+    from deepspeed.checkpoint.ds_to_universal import main, parse_arguments
+
+    workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    argv = ["ds_to_universal", "--input_folder", str(source), "--output_folder", str(target),
+            "--num_extract_workers", workers, "--num_merge_workers", workers, "--inject_missing_state"]
+    saved_argv, sys.argv = sys.argv, argv
+    try:
+        with redirect_stdout(sys.stderr):  # its progress lines are a log, not the run's output
+            main(parse_arguments())
+    finally:
+        sys.argv = saved_argv
+    (target.parent / "latest_universal").unlink(missing_ok=True)  # names the tag; we pass it explicitly
+    zero = target / "zero"
+    common = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    step = _step_of(zero, common)
+    for name, shape in shapes.items():
+        for key in STATES:
+            value = torch.load(zero / name / f"{key}.pt", weights_only=False)
+            if not isinstance(value, dict):
+                torch.save({"param": value.reshape(shape), "cat_dim": 0}, zero / name / f"{key}.pt")
+        if not (zero / name / "step.pt").is_file():
+            torch.save(step, zero / name / "step.pt")
+    _write_common(zero, common, common["param_groups"], step)
+    states = [target / name for name in MODEL_STATE_NAMES if (target / name).is_file()]
+    if not states:
+        states = sorted(target.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    for name in MODEL_STATE_NAMES:
+        if not (target / name).is_file():
+            shutil.copy2(states[0], target / name)
+
+
+def _step_of(zero: Path, common: dict) -> torch.Tensor:
+    inner = common.get("optimizer_state_dict", {}).get("state", {})
+    if inner:
+        return torch.as_tensor(next(iter(inner.values()))["step"])
+    return torch.load(next(zero.glob("*/step.pt")), weights_only=False)
+
+
+def _write_common(zero: Path, common: dict, param_groups: list[dict], step: torch.Tensor) -> None:
+    """zero/optimizer_state.pt in both of the forms DeepSpeed reads: ZeRO-1/2 read the param groups at
+    the top, ZeRO-3 reads them and the step from an optimizer state dict (and ds_to_universal writes
+    only the form of the stage it converted)."""
+    import deepspeed
+
+    groups = [{k: v for k, v in group.items() if k != "params"} | {"params": [0]} for group in param_groups]
+    kept = {k: v for k, v in common.items() if k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")}
+    torch.save({**kept, "ds_version": common.get("ds_version", deepspeed.__version__), "param_groups": groups,
+                "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+               zero / "optimizer_state.pt")
+
+
+def _from_accelerate(source: Path, target: Path, trained_names: list[str], processes: int) -> None:
+    """A checkpoint written without DeepSpeed (model.safetensors, optimizer.bin) in universal files."""
+    from safetensors.torch import load_file
+
+    weights = load_file(source / "model.safetensors")
+    optimizer = torch.load(source / "optimizer.bin", weights_only=False, map_location="cpu")
+    masters = optimizer.get("master_weights")  # MasterWeightAdamW: the fp32 copies of low-precision weights
+    zero = target / "zero"
+    step = None
+    for i, name in enumerate(trained_names):
+        state = optimizer["state"].get(i)
+        if state is None:
+            raise KeyError(f"optimizer.bin has no state for {name}")
+        step = torch.as_tensor(state["step"], dtype=torch.float32)
+        fp32 = masters[i] if masters is not None else weights[name]
+        (zero / name).mkdir(parents=True)
+        for key, value in (("fp32", fp32), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+            torch.save({"param": value.float().reshape(fp32.shape), "cat_dim": 0}, zero / name / f"{key}.pt")
+        torch.save(step, zero / name / "step.pt")
+    _write_common(zero, {}, optimizer["param_groups"], step)
+    # What DeepSpeed reads beside zero/ when it loads a universal checkpoint (not the weights).
+    steps = int(step)
+    meta = {"dp_world_size": processes, "mp_world_size": 1, "global_steps": steps, "global_samples": 0,
+            "skipped_steps": 0}
+    for name in MODEL_STATE_NAMES:
+        torch.save(meta, target / name)
+
+
+def load_without_deepspeed(accelerator, model, optimizer, scheduler, folder: Path) -> None:
+    """A universal checkpoint into a run without DeepSpeed: the trained weights, AdamW's state (and
+    the fp32 master copies of MasterWeightAdamW), the LR schedule."""
+    from accelerate.checkpointing import load_custom_state
+
+    zero = Path(folder) / TAG / "zero"
+    trained = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    state_dict = inner.state_dict()
+    names = list(trained_parameter_shapes(accelerator, model))
+    state, masters = {}, []
+    with torch.no_grad():
+        for i, (name, param) in enumerate(zip(names, trained)):
+            values = {key: torch.load(zero / name / f"{key}.pt", weights_only=False)["param"] for key in STATES}
+            param.copy_(values["fp32"])
+            masters.append(values["fp32"])
+            step = torch.as_tensor(torch.load(zero / name / "step.pt", weights_only=False), dtype=torch.float32)
+            state[i] = {"step": step, "exp_avg": values["exp_avg"], "exp_avg_sq": values["exp_avg_sq"]}
+    state_dict["state"] = state
+    if "master_weights" in state_dict:
+        state_dict["master_weights"] = masters
+    inner.load_state_dict(state_dict)
+    load_custom_state(scheduler, str(folder), 0)
+    for group, lr in zip(inner.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # what the schedule had set when the checkpoint was written
+
+
+def trained_parameter_shapes(accelerator, model) -> dict[str, torch.Size]:
+    """The trained parameters' names (as DeepSpeed names their folders) and whole shapes (ZeRO-3's
+    partitioned parameters keep theirs in `ds_shape`), in the optimizer's order."""
+    return {name: getattr(p, "ds_shape", p.shape)
+            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
