@@ -177,3 +177,16 @@ def wait_for(condition, timeout=300):
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def one_line_error(result, *phrases):
+    """Exit code 2 and one line saying what (each rank says the same line; a launcher above the
+    ranks may add its own report of the exit code, but no traceback comes from dpo_dist)."""
+    assert result.returncode in (1, 2), result.stderr[-3000:]
+    assert 'dpo_dist/' not in "".join(line for line in result.stderr.splitlines() if line.lstrip().startswith("File"))
+    lines = {line for line in result.stderr.splitlines() if line.startswith("dpo-dist train: error:")}
+    assert len(lines) == 1, result.stderr[-3000:]
+    (line,) = lines
+    for phrase in phrases:
+        assert phrase in line, line
+    return line

@@ -155,7 +155,7 @@ def load(accelerator, path: Path, layout: dict, model, optimizer, scheduler) -> 
     else:
         accelerator.print(f"resume from {path}: written by {describe_layout(written)}, continuing as "
                           f"{describe_layout(layout)}")
-        folder = reshard.universal_checkpoint(accelerator, path, written,
+        folder = reshard.universal_checkpoint(accelerator, path, written, layout,
                                               reshard.trained_parameter_shapes(accelerator, model))
         if layout["deepspeed"]:
             accelerator.load_state(str(folder))

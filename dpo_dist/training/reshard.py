@@ -11,8 +11,9 @@ filesystem) and is reused by later restarts. A ZeRO run loads it with DeepSpeed'
 `checkpoint.load_universal`, a run without DeepSpeed as weights and AdamW state.
 
 What carries over: weights, Adam moments and step, the LR schedule, the data position (the step:
-the data order is a function of the seed and the step, whatever the layout). What does not: the
-ranks' RNG streams (the new ranks start from the run's seed); they draw no data, only dropout.
+the data order is a function of the seed and the step, whatever the layout), and the RNG stream of
+each rank that exists in both layouts. A rank that did not exist before starts its stream from the
+run's seed; the streams draw no data, only dropout (LoRA's, for one).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.distributed import describe_layout
 from dpo_dist.errors import UserError
 
 UNIVERSAL = "universal"
@@ -40,8 +42,9 @@ def load_universal_at_prepare(accelerator) -> None:
     accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
-def universal_checkpoint(accelerator, path: Path, written: dict, shapes: dict[str, torch.Size]) -> Path:
-    """`path/universal/`, converted now if no earlier restart did (every rank waits for it)."""
+def universal_checkpoint(accelerator, path: Path, written: dict, layout: dict, shapes: dict[str, torch.Size]) -> Path:
+    """`path/universal/`, converted now if no earlier restart did (every rank waits for it); `written`
+    and `layout` (the run's) only name the change in an error."""
     folder = Path(path) / UNIVERSAL
     if accelerator.is_main_process and not folder.is_dir():
         tmp = Path(path) / f".tmp-{UNIVERSAL}"
@@ -54,9 +57,12 @@ def universal_checkpoint(accelerator, path: Path, written: dict, shapes: dict[st
                 _from_accelerate(Path(path), tmp / TAG, list(shapes), written["processes"])
         except (AssertionError, KeyError, RuntimeError, NotImplementedError, ValueError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"resume from {path}: cannot convert it to a universal checkpoint ({err}); launch it "
-                            "as it was written, or start over with resume=null") from None
-        shutil.copy2(Path(path) / SCHEDULER_FILE, tmp / SCHEDULER_FILE)
+            raise UserError(f"resume from {path}: written by {describe_layout(written)}, this run is "
+                            f"{describe_layout(layout)}, and converting it to a universal checkpoint failed "
+                            f"({type(err).__name__}: {err}); launch it as it was written, or start over with "
+                            "resume=null") from None
+        for carried in [Path(path) / SCHEDULER_FILE, *Path(path).glob("random_states_*.pkl")]:
+            shutil.copy2(carried, tmp / carried.name)
         os.replace(tmp, folder)
     accelerator.wait_for_everyone()
     return folder
@@ -146,8 +152,8 @@ def _from_accelerate(source: Path, target: Path, trained_names: list[str], proce
 
 def load_without_deepspeed(accelerator, model, optimizer, scheduler, folder: Path) -> None:
     """A universal checkpoint into a run without DeepSpeed: the trained weights, AdamW's state (and
-    the fp32 master copies of MasterWeightAdamW), the LR schedule."""
-    from accelerate.checkpointing import load_custom_state
+    the fp32 master copies of MasterWeightAdamW), the LR schedule, this rank's RNG state."""
+    from accelerate.checkpointing import load_accelerator_state, load_custom_state
 
     zero = Path(folder) / TAG / "zero"
     trained = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
@@ -167,6 +173,7 @@ def load_without_deepspeed(accelerator, model, optimizer, scheduler, folder: Pat
         state_dict["master_weights"] = masters
     inner.load_state_dict(state_dict)
     load_custom_state(scheduler, str(folder), 0)
+    load_accelerator_state(str(folder), [], [], [], [], accelerator.process_index)  # RNG (of a rank that existed)
     for group, lr in zip(inner.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # what the schedule had set when the checkpoint was written
 
