@@ -111,6 +111,10 @@ class LossConfig:
 class TrainConfig:
     micro_batch_size: int = _field(4, "Pairs per forward pass per process.")
     grad_accum: int = _field(1, "Micro-batches per optimizer step.")
+    global_batch_size: int | None = _field(
+        None, "Pairs per optimizer step over all processes; when set, train.grad_accum is derived from it "
+        "(global / (micro_batch_size x data-parallel processes), which must divide it), so a job that comes back on "
+        "another number of GPUs keeps its global batch and resumes.")
     mixed_precision: str = _field(
         "auto", "Precision of every forward, the reference pass included: auto (bf16 on a GPU that has it, else "
         "fp32), fp32, bf16 or fp16 (GPU only). Without DeepSpeed: autocast over fp32 weights; under DeepSpeed: "
@@ -238,6 +242,8 @@ class Config:
             "data.chunk_rows": self.data.chunk_rows,
             "data.max_length": self.data.max_length,
         }
+        if self.train.global_batch_size is not None:
+            positive["train.global_batch_size"] = self.train.global_batch_size
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config: {key} must be >= 1, got {value}")

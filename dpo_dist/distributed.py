@@ -71,6 +71,7 @@ def build_accelerator(cfg: Config):
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
+    derive_grad_accum(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     precision = resolve_precision(cfg)
     plugin = _deepspeed_plugin(cfg, precision)
@@ -103,6 +104,18 @@ def build_accelerator(cfg: Config):
         torch.set_float32_matmul_precision("high")
         accelerator.print("fp32 on CUDA: TF32 matmuls allowed (torch.set_float32_matmul_precision('high'))")
     return accelerator
+
+
+def derive_grad_accum(cfg: Config, processes: int) -> None:
+    """train.grad_accum from train.global_batch_size, for this process count (before anything reads it)."""
+    total = cfg.train.global_batch_size
+    if total is None:
+        return
+    per_pass = cfg.train.micro_batch_size * processes
+    if total % per_pass:
+        raise UserError(f"train.global_batch_size={total} is not a multiple of train.micro_batch_size x processes = "
+                        f"{cfg.train.micro_batch_size} x {processes}; choose a micro batch that divides it")
+    cfg.train.grad_accum = total // per_pass
 
 
 def _release_state_of_another_precision(precision: str) -> None:

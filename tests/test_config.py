@@ -68,3 +68,17 @@ def test_written_config_is_the_resolved_one(tiny, text_file, tmp_path):
     assert result.returncode == 0, result.stderr
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["loss"]["beta"] == 0.25 and written["train"]["lr"] == 5e-7
+
+
+def test_global_batch_size_derives_grad_accum_for_the_process_count():
+    from dpo_dist.distributed import derive_grad_accum
+
+    cfg = load_config(None, ["train.global_batch_size=8", "train.micro_batch_size=2"])
+    derive_grad_accum(cfg, 2)
+    assert cfg.train.grad_accum == 2
+    derive_grad_accum(cfg, 4)  # the job came back on more GPUs: same pairs per step
+    assert cfg.train.grad_accum == 1
+    with pytest.raises(UserError, match=r"train.global_batch_size=8 is not a multiple of .* 2 x 3"):
+        derive_grad_accum(cfg, 3)
+    with pytest.raises(UserError, match="train.global_batch_size must be >= 1"):
+        load_config(None, ["train.global_batch_size=0"])

@@ -50,11 +50,12 @@ def job_env(**extra):
             "ACCELERATE_CONFIG": "launch/accelerate/zero2_cpu.yaml", **extra}
 
 
-def submit(cluster, config, out, log, *sbatch_args, wait=False, env=None):
+def submit(cluster, config, out, log, *sbatch_args, wait=False, env=None, extra=()):
     args = ["sbatch", "--parsable", f"--output={log}", f"--chdir={REPO}", *sbatch_args]
     if wait:
         args.append("--wait")
-    result = cluster.run(*args, SBATCH, str(config), f"output_dir={out}", env=env or job_env(), timeout=600)
+    result = cluster.run(*args, SBATCH, str(config), f"output_dir={out}", *extra, env=env or job_env(),
+                         timeout=600)
     assert result.returncode == 0, (result.stdout, result.stderr, read_log(log))
     return result.stdout.strip().split(";")[0]
 
@@ -124,3 +125,35 @@ def test_preempted_job_checkpoints_requeues_and_matches(cluster, job_config):
     resumed = load_file(out / "final" / "model.safetensors")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_preempted_job_back_on_fewer_nodes_resumes_and_matches(cluster, job_config):
+    """Two nodes (emulated on this host) under ZeRO-2, preempted after a checkpoint; the job comes
+    back on one node. Slurm requeues a job with the allocation it asked for, so a job on another node
+    count is a new submission of the same command. train.global_batch_size keeps the step's pairs (one
+    node accumulates twice the micro-batches), the checkpoint is resharded, and the run ends on the
+    uninterrupted two-node run's weights."""
+    root, config = job_config
+    out, log = root / "fewer", root / "fewer.log"
+    extra = ["train.global_batch_size=4"]
+    job = submit(cluster, config, out, log, "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--no-requeue",
+                 env=job_env(MASTER_PORT="29673"), extra=extra)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "latest").exists():
+        assert time.time() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), read_log(log)[-3000:]
+        time.sleep(0.05)
+    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    deadline = time.time() + 300
+    while cluster.job_state(job) in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.time() < deadline, read_log(log)[-3000:]
+        time.sleep(0.2)
+    assert "preemption signal" in read_log(log) and not (out / "final").exists(), read_log(log)[-3000:]
+    submit(cluster, config, out, log, wait=True, env=job_env(MASTER_PORT="29674"), extra=extra)
+    text = read_log(log)
+    assert "finished with status 0" in text, text[-4000:]
+    assert "written by 2 processes under DeepSpeed ZeRO-2, continuing as 1 process under DeepSpeed ZeRO-2" in text
+    assert "global batch 4 pairs (micro 2 x accum 2 x 1)" in text
+    two_nodes = load_file(root / "two" / "final" / "model.safetensors")  # from the rendezvous test
+    resumed = load_file(out / "final" / "model.safetensors")
+    for key in two_nodes:
+        torch.testing.assert_close(resumed[key], two_nodes[key], rtol=0, atol=1e-5, msg=key)

@@ -161,7 +161,11 @@ def load(accelerator, path: Path, layout: dict, model, optimizer, scheduler) -> 
             accelerator.load_state(str(folder))
         else:
             reshard.load_without_deepspeed(accelerator, model, optimizer, scheduler, folder)
-    return json.loads((Path(path) / STATE_FILE).read_text())["step"]
+    step = json.loads((Path(path) / STATE_FILE).read_text())["step"]
+    # accelerate restores its micro-batch counter, which decides where accumulation ends; a checkpoint
+    # of another train.grad_accum (another process count, same global batch) counted other micro-batches.
+    accelerator.step = step * accelerator.gradient_accumulation_steps
+    return step
 
 
 def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig, info: dict | None = None) -> None:
