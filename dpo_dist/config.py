@@ -179,6 +179,10 @@ class DistributedConfig:
         None, "DeepSpeed JSON (see ds_configs/) when not set by `accelerate launch --config_file`; null = none."
     )
     timeout_minutes: int = _field(30, "Collective-operation timeout.")
+    sequence_parallel: int = _field(
+        1, "Ranks that share each sequence (Ulysses): every micro-batch row is cut along the sequence across a "
+        "group of N ranks, and attention runs over the whole sequence on 1/N of the heads. The data-parallel size is "
+        "processes / N.")
 
 
 @dataclass
@@ -241,6 +245,7 @@ class Config:
             "ref_cache.shard_size": self.ref_cache.shard_size,
             "data.chunk_rows": self.data.chunk_rows,
             "data.max_length": self.data.max_length,
+            "distributed.sequence_parallel": self.distributed.sequence_parallel,
         }
         if self.train.global_batch_size is not None:
             positive["train.global_batch_size"] = self.train.global_batch_size

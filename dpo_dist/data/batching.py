@@ -31,6 +31,15 @@ class ScoredTokens:
     in_shared: torch.Tensor
     tokens: torch.Tensor
 
+    def within(self, columns: tuple[int, int], width: int) -> ScoredTokens:
+        """The positions in columns [lo, hi) of every row, indexed as in the [rows, hi - lo] slice
+        (sequence parallelism: a rank's part of the batch); `tokens` stay whole-sequence counts."""
+        lo, hi = columns
+        row, col = self.index // width, self.index % width
+        keep = (col >= lo) & (col < hi)
+        return ScoredTokens(row[keep] * (hi - lo) + col[keep] - lo, self.target[keep], self.owner[keep],
+                            self.in_shared[keep], self.tokens)
+
 
 def _rank_in_sequence(owner: torch.Tensor, num_seqs: int) -> torch.Tensor:
     """0, 1, 2, ... along each sequence's scored tokens, given in order (a sequence's tokens are
@@ -73,6 +82,8 @@ class MicroBatch:
     the flash kernels' sequence boundaries (int32 [units + 1]) and longest unit, computed here on the
     host so that no layer derives them from the position ids (host syncs in every layer).
     scored: `ScoredTokens`, computed on first use or before a move (`to`), so on the host.
+    columns: under sequence parallelism, the slice [lo, hi) of every row that this rank's model
+    forward sees (the width is a multiple of the group size); `scored` then covers that slice only.
     """
 
     input_ids: torch.Tensor
@@ -88,6 +99,7 @@ class MicroBatch:
     cu_seq_lens: torch.Tensor | None = None
     max_length: int | None = None
     scored: ScoredTokens | None = None
+    columns: tuple[int, int] | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -96,7 +108,8 @@ class MicroBatch:
     def scoring(self) -> ScoredTokens:
         """Which positions are scored, and for which sequence (see `ScoredTokens`)."""
         if self.scored is None:
-            self.scored = scored_tokens(self.input_ids, self.response_mask, self.seq_index, 2 * self.num_pairs)
+            scored = scored_tokens(self.input_ids, self.response_mask, self.seq_index, 2 * self.num_pairs)
+            self.scored = scored if self.columns is None else scored.within(self.columns, self.input_ids.shape[1])
         return self.scored
 
     def to(self, device: torch.device | str) -> MicroBatch:
@@ -121,13 +134,15 @@ class MicroBatch:
         return dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens,
                     max_length_q=self.max_length, max_length_k=self.max_length)
 
-    def attention_mask(self, additive_dtype: torch.dtype | None = None):
+    def attention_mask(self, additive_dtype: torch.dtype | None = None, dense: bool = False):
         """What the model's `attention_mask` argument gets for this layout. `additive_dtype`: the 4-D
         mask as 0 / dtype-min in that dtype instead of booleans, for kernels that add the mask to
-        their scores (eager: transformers hands a 4-D mask through as given, and True adds 1)."""
+        their scores (eager: transformers hands a 4-D mask through as given, and True adds 1).
+        `dense`: the full causal 4-D mask also for the padded layout (sequence parallelism hands the
+        attention a mask of its own, at full width)."""
         if self.packing == "varlen":
             return None
-        if self.packing is None:
+        if self.packing is None and not dense:
             return (self.seq_index >= 0).long()
         unit, side = self.unit_index, self.side
 
@@ -202,13 +217,14 @@ def _units(pairs: list[Pair], share_prefix: bool) -> list[list[_Segment]]:
 
 
 def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None,
-            packing: str | None = None, share_prefix: bool = False) -> MicroBatch:
+            packing: str | None = None, share_prefix: bool = False, shard: tuple[int, int] = (1, 0)) -> MicroBatch:
     """packing: None — one sequence per row, padded to the longest; "varlen" — all sequences in
     one row, no padding, attention bounded by position ids (flash kernels); "block_mask" / "flex" —
     units bin-packed into rows as long as the longest unit, attention masked to each unit (a dense
     mask costs ~ rows × longest², like padding; FlexAttention skips the masked-out blocks), while
     nearly no padding tokens are computed. share_prefix (block_mask, flex): each pair's prompt is
-    computed once (see `_units`)."""
+    computed once (see `_units`). shard (parts, part): the width is padded to a multiple of `parts`
+    and the batch's `columns` are the part-th of them (sequence parallelism); (1, 0): all of it."""
     masked = packing in ("block_mask", "flex")
     units = _units(pairs, share_prefix and masked)
     unit_lengths = [sum(len(seg.ids) for seg in unit) for unit in units]
@@ -218,7 +234,8 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
         layout = pack_rows(unit_lengths, max(unit_lengths))
     else:
         layout = [[u] for u in range(len(units))]
-    width = max(sum(unit_lengths[u] for u in row) for row in layout)
+    parts, part = shard
+    width = -(-max(sum(unit_lengths[u] for u in row) for row in layout) // parts) * parts
     shape = (len(layout), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
@@ -255,6 +272,7 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
         weight=torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32),
         packing=packing,
+        columns=None if parts == 1 else (part * width // parts, (part + 1) * width // parts),
         **varlen,
     )
 

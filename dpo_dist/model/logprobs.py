@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dpo_dist.data.batching import MicroBatch
+from dpo_dist.model import ulysses
 
 HEAD_FLAG = "_dpo_dist_response_head"
 CHUNK_ROWS = 1024  # positions per vocabulary projection: CHUNK_ROWS × vocab floats at a time
@@ -85,11 +86,13 @@ def install_response_head(model: torch.nn.Module) -> bool:
     return True
 
 
-def _additive_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The model's dtype where its attention adds a 4-D mask to the scores (eager), else None
-    (sdpa, flex and flash take boolean masks or none). Found through DDP / DeepSpeed / peft wrappers."""
+def _additive_mask_dtype(model: torch.nn.Module, sp: ulysses.SequenceParallel | None) -> torch.dtype | None:
+    """The model's dtype where its attention adds a 4-D mask to the scores (eager, also under
+    sequence parallelism), else None (sdpa, flex and flash take boolean masks or none). Found through
+    DDP / DeepSpeed / peft wrappers."""
     inner = next((m for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")), None)
-    return inner.dtype if inner is not None and inner.config._attn_implementation == "eager" else None
+    attention = sp.core if sp is not None else inner.config._attn_implementation if inner is not None else None
+    return inner.dtype if attention == "eager" else None
 
 
 def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -144,10 +147,20 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False)
     together, padded or packed (see batching.collate); sums in float32. Which positions count comes
     from the batch (`MicroBatch.scoring`, worked out on the host): no host sync here."""
     plan = batch.scoring()
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask(_additive_mask_dtype(model)),
-                  position_ids=batch.position_ids, use_cache=False, **batch.varlen_kwargs())
+    sp = ulysses.find(model)
+    mask = batch.attention_mask(_additive_mask_dtype(model, sp), dense=sp is not None)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False,
+                  **batch.varlen_kwargs())
+    shared_mask = contextlib.nullcontext()
+    if sp is not None:  # this rank's columns; the attention gets the full-width mask
+        if batch.columns is None:
+            raise ValueError("a sequence-parallel model needs batches collated with its shard (collate(shard=...))")
+        lo, hi = batch.columns
+        inputs.update(input_ids=batch.input_ids[:, lo:hi], position_ids=batch.position_ids[:, lo:hi],
+                      attention_mask=None)
+        shared_mask = sp.full_mask(mask)
     head = _find_head(model)
-    with _compile_settings(batch):
+    with _compile_settings(batch), shared_mask:
         if head is not None:
             with _response_request(head, plan.target, plan.index, wpo):
                 values = model(**inputs).logits  # [n] (or [n, 2]): the head scored the positions only
@@ -157,9 +170,15 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False)
     values = values.float()
     logp = values[:, 0] if wpo else values
     zeros = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=values.device)
+    sums = [zeros.index_add(0, plan.owner, logp), zeros.index_add(0, plan.owner, logp * plan.in_shared)]
+    if wpo:
+        sums.append(zeros.index_add(0, plan.owner, values[:, 1]))
+    sums = torch.stack(sums)
+    if sp is not None:  # each rank scored the response tokens of its columns
+        sums = sp.sum(sums)
     return SequenceScores(
-        logps=zeros.index_add(0, plan.owner, logp),
+        logps=sums[0],
         tokens=plan.tokens,
-        shared_logps=zeros.index_add(0, plan.owner, logp * plan.in_shared),
-        wpo=zeros.index_add(0, plan.owner, values[:, 1]) / plan.tokens.clamp(min=1) if wpo else None,
+        shared_logps=sums[1],
+        wpo=sums[2] / plan.tokens.clamp(min=1) if wpo else None,
     )

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -92,6 +93,7 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
     root = _root(output_dir)
     name = f"step-{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
+    start = time.perf_counter()
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -121,6 +123,7 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
         for old in sorted(root.glob("step-*"))[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    accelerator.print(f"checkpoint {name} saved in {time.perf_counter() - start:.1f} s")
     return final
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def universal_checkpoint(accelerator, path: Path, written: dict, layout: dict, s
         tmp = Path(path) / f".tmp-{UNIVERSAL}"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.print(f"converting {path} to a universal checkpoint (once; later restarts reuse {folder})")
+        start = time.perf_counter()
         try:
             if written["deepspeed"]:
                 _from_deepspeed(Path(path) / TAG, tmp / TAG, shapes)
@@ -64,6 +66,8 @@ def universal_checkpoint(accelerator, path: Path, written: dict, layout: dict, s
         for carried in [Path(path) / SCHEDULER_FILE, *Path(path).glob("random_states_*.pkl")]:
             shutil.copy2(carried, tmp / carried.name)
         os.replace(tmp, folder)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        accelerator.print(f"converted in {time.perf_counter() - start:.1f} s ({size / 2**20:.1f} MiB)")
     accelerator.wait_for_everyone()
     return folder
 

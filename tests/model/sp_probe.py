@@ -1,0 +1,64 @@
+"""Run by tests/model/test_ulysses.py under torchrun (2 processes, gloo): for each data file, layout
+and attention, the response log-probs and parameter gradients of one micro-batch with the sequence
+cut across both ranks (Ulysses), against the same batch whole on one rank. Rank 0 writes the largest
+differences as JSON lines to argv[2]."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_dist.data import load_preference_data
+from dpo_dist.data.batching import collate
+from dpo_dist.model import ulysses
+from dpo_dist.model.logprobs import install_response_head, sequence_logps
+
+LAYOUTS = {"padded": (None, False), "packed": ("block_mask", False), "shared": ("block_mask", True)}
+
+
+def grads_of(model, batch, sp=None):
+    model.zero_grad()
+    logps = sequence_logps(model, batch).logps
+    (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if sp is not None:  # each rank holds its columns' share of every gradient
+        for g in grads.values():
+            dist.all_reduce(g, group=sp.group)
+    return logps.detach(), grads
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    path, out_path, *files = sys.argv[1:]
+    tok = AutoTokenizer.from_pretrained(path)
+    group = dist.new_group(list(range(size)))
+    lines = []
+    for attn in ("sdpa", "eager"):
+        whole = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+        install_response_head(whole)
+        cut = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+        install_response_head(cut)
+        sp = ulysses.SequenceParallel(group, size, rank, attn)
+        ulysses.install(cut, sp)
+        for file in files:
+            pairs = load_preference_data(file, tok, 1024, "keep_end").pairs
+            for layout, (packing, share) in LAYOUTS.items():
+                expected, grad_expected = grads_of(whole, collate(pairs, tok.pad_token_id, packing=packing,
+                                                                  share_prefix=share))
+                batch = collate(pairs, tok.pad_token_id, packing=packing, share_prefix=share, shard=(size, rank))
+                got, grad_got = grads_of(cut, batch, sp)
+                lines.append({"attn": attn, "data": file, "layout": layout, "columns": list(batch.columns),
+                              "logps": (got - expected).abs().max().item(), "largest": expected.abs().max().item(),
+                              "grads": max(((grad_got[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
+                                           for n, g in grad_expected.items())})
+    if rank == 0:
+        with open(out_path, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
