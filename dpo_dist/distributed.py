@@ -9,6 +9,7 @@ environment, never a hard-coded "cuda".
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo_dist.model import loading
+from dpo_dist.model import loading, ulysses
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
 from dpo_dist.precision import (ACCELERATE_NAMES, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
@@ -71,7 +72,7 @@ def build_accelerator(cfg: Config):
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
-    derive_grad_accum(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    derive_grad_accum(cfg, int(os.environ.get("WORLD_SIZE", "1")) // cfg.distributed.sequence_parallel)
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     precision = resolve_precision(cfg)
     plugin = _deepspeed_plugin(cfg, precision)
@@ -107,14 +108,15 @@ def build_accelerator(cfg: Config):
 
 
 def derive_grad_accum(cfg: Config, processes: int) -> None:
-    """train.grad_accum from train.global_batch_size, for this process count (before anything reads it)."""
+    """train.grad_accum from train.global_batch_size, for this data-parallel size (before anything
+    reads it)."""
     total = cfg.train.global_batch_size
     if total is None:
         return
     per_pass = cfg.train.micro_batch_size * processes
     if total % per_pass:
-        raise UserError(f"train.global_batch_size={total} is not a multiple of train.micro_batch_size x processes = "
-                        f"{cfg.train.micro_batch_size} x {processes}; choose a micro batch that divides it")
+        raise UserError(f"train.global_batch_size={total} is not a multiple of train.micro_batch_size x data-parallel "
+                        f"processes = {cfg.train.micro_batch_size} x {processes}; choose a micro batch that divides it")
     cfg.train.grad_accum = total // per_pass
 
 
@@ -171,8 +173,51 @@ class PreemptionWatch:
         print(f"[rank {self.rank}] got {signal.Signals(signum).name}: checkpointing after this step", flush=True)
 
 
+class Topology:
+    """Which ranks share what: `data_parallel` groups of ranks take different pairs (this rank is in
+    group `data_rank`); within a group, `sequence` (None when distributed.sequence_parallel is 1)
+    cuts every sequence across its ranks."""
+
+    def __init__(self, data_parallel: int, data_rank: int, sequence: ulysses.SequenceParallel | None):
+        self.data_parallel, self.data_rank, self.sequence = data_parallel, data_rank, sequence
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """`collate`'s shard: (parts, this rank's part) of every row's columns."""
+        return (1, 0) if self.sequence is None else (self.sequence.size, self.sequence.rank)
+
+    @property
+    def counts(self) -> bool:
+        """Whether this rank's pairs count in metrics and caches (one rank of each sequence group)."""
+        return self.sequence is None or self.sequence.rank == 0
+
+
+def topology(cfg: Config, accelerator) -> Topology:
+    """Groups of distributed.sequence_parallel consecutive ranks share sequences; the groups split
+    the data. Refuses what sequence parallelism does not support, in one line."""
+    size, world, rank = cfg.distributed.sequence_parallel, accelerator.num_processes, accelerator.process_index
+    if size == 1:
+        return Topology(world, rank, None)
+    if world % size:
+        raise UserError(f"distributed.sequence_parallel={size} does not divide the {world} processes")
+    ulysses.check_supported(cfg.model.attn_implementation, size)
+    group = _sequence_group(size, world, rank)
+    return Topology(world // size, rank // size,
+                    ulysses.SequenceParallel(group, size, rank % size, cfg.model.attn_implementation))
+
+
+@functools.cache
+def _sequence_group(size: int, world: int, rank: int):
+    """This rank's process group of `size` consecutive ranks; every rank creates every group, in order."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+    return groups[rank // size]
+
+
 def layout(cfg: Config, accelerator) -> dict:
-    """How this run lays its training state out on disk: what its checkpoints can resume under."""
+    """How this run lays its training state out on disk: what its checkpoints can resume under.
+    (Sequence parallelism is not part of it: ZeRO partitions over all processes either way.)"""
     deepspeed = uses_deepspeed(accelerator)
     return {"processes": accelerator.num_processes, "deepspeed": deepspeed, "zero_stage": zero_stage(accelerator),
             "fp32_master_copies": fp32_master_copies(cfg, deepspeed)}
@@ -246,6 +291,9 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
         raise UserError("model.attn_implementation=flex_attention cannot train on the CPU (PyTorch has no CPU "
                         "backward for FlexAttention); use sdpa here (precompute and evaluate run with flex)")
     model = loading.load_policy(cfg.model)  # partitioned from load time under ZeRO-3 (zero3_init_flag)
+    sequence = topology(cfg, accelerator).sequence
+    if sequence is not None:
+        ulysses.install(model, sequence)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(

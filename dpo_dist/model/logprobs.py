@@ -72,14 +72,17 @@ def install_response_head(model: torch.nn.Module) -> bool:
         targets, index, with_sq = request  # [n]: the next token, and the flat position predicting it
         selected, selected_targets = hidden.flatten(0, 1).index_select(0, index), targets
         parts = []
-        for start in range(0, index.numel(), CHUNK_ROWS):
+        # At least one (maybe empty) chunk: the scores stay a function of `hidden` and of the head's
+        # weights, so every rank's backward runs through the whole model and reaches the head (under
+        # sequence parallelism a rank's columns may hold no response token; ZeRO-3 reduces every
+        # rank's gradient of every weight, the all-to-alls are collectives).
+        for start in range(0, max(index.numel(), 1), CHUNK_ROWS):
             args = (selected[start : start + CHUNK_ROWS], selected_targets[start : start + CHUNK_ROWS],
                     head.weight, head.bias, with_sq)
             # Recomputing the chunk in backward keeps one chunk's logits alive, not all of them.
             parts.append(checkpoint(_target_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else _target_logps(*args))
-        tail = (2,) if with_sq else ()
-        return torch.cat(parts) if parts else hidden.new_zeros((0, *tail), dtype=torch.float32)
+        return torch.cat(parts)
 
     head.forward = forward  # an instance attribute: hooks (ZeRO-3 gathering) and state_dict unchanged
     setattr(head, HEAD_FLAG, True)

@@ -6,7 +6,9 @@ all-to-all (`deepspeed.sequence.layer._SeqAllToAll`) turns this rank's [rows, W/
 [rows, W, heads/N, d]; the batch layout's own mask (padding, packing, a shared prompt's two sides)
 then applies at full width, as without sequence parallelism, and the inverse all-to-all returns the
 output to the slice. Each rank scores the response tokens of its slice; `SequenceParallel.sum` adds
-the per-sequence sums across the group. Memory per rank: 1/N of the activations and of the attention
+the per-sequence sums across the group. Every rank's backward must pass through the whole model, the
+all-to-alls being collectives, also when its slice holds no response token (its scores are then an
+empty function of its hidden states). Memory per rank: 1/N of the activations and of the attention
 scores; the weights are the data-parallel layer's business (ZeRO).
 """
 

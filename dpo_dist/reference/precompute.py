@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpo_dist import collectives, fingerprint
+from dpo_dist import collectives, distributed, fingerprint
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
 from dpo_dist.data.batching import MicroBatch, collate, eval_batches
@@ -51,13 +51,15 @@ def _batches_in(count: int, batch_size: int) -> int:
     return -(-count // batch_size)
 
 
-def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config, pad_id: int, device):
+def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config, pad_id: int, device,
+                shard: tuple[int, int] = (1, 0)):
     """Reference log-probs of pairs [start, start+count) of `data`, in batches of train.eval_batch_size
-    (fixed by the shard alone, so the numbers do not depend on the process count)."""
+    (fixed by the shard alone, so the numbers do not depend on the process count); `shard`: this
+    rank's columns under sequence parallelism (the ranks of a group score the same pairs)."""
     out = {k: [] for k in TENSOR_KEYS}
     for positions, _ in eval_batches(count, cfg.train.eval_batch_size, 1, 0):
         batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode,
-                        share_prefix=cfg.share_prefix).to(device)
+                        share_prefix=cfg.share_prefix, shard=shard).to(device)
         with torch.no_grad():
             scores = sequence_logps(model, batch)
         (chosen, rejected), (chosen_shared, rejected_shared) = scores.halves("logps"), scores.halves("shared_logps")
@@ -68,33 +70,37 @@ def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
 
 
-def _missing_shards(plan: list, splits: dict[str, PreferenceData], cache_dir: Path, accelerator) -> list:
-    """The shards of `plan` not yet complete on disk; ranks check disjoint ones, every rank gets
-    the whole list. Call before any rank writes a shard, so all ranks see the same state."""
-    world, rank = accelerator.num_processes, accelerator.process_index
+def _missing_shards(plan: list, splits: dict[str, PreferenceData], cache_dir: Path, accelerator,
+                    topology: distributed.Topology) -> list:
+    """The shards of `plan` not yet complete on disk; data-parallel groups check disjoint ones,
+    every rank gets the whole list. Call before any rank writes a shard, so all see the same state."""
+    groups, group = topology.data_parallel, topology.data_rank
     missing = [
         i for i, (split, k, start, count) in enumerate(plan)
-        if i % world == rank
+        if i % groups == group and topology.counts
         and not shard_is_done(cache_dir / shard_name(split, k), expected_index(splits[split], start, count))
     ]
     return [plan[i] for i in sorted(collectives.all_gather_objects(accelerator, missing))]
 
 
 def _reference_pass(cfg: Config, accelerator, splits: dict[str, PreferenceData], shards: list, fillers: int,
-                    pad_id: int) -> None:
-    """Loads the reference, writes `shards`, runs `fillers` throw-away forwards, drops the reference."""
+                    pad_id: int, topology: distributed.Topology) -> None:
+    """Loads the reference, writes `shards` (one rank of a sequence group writes what the group
+    computed), runs `fillers` throw-away forwards, drops the reference."""
     model = engine.load_reference(cfg, accelerator)
     bar = tqdm(total=sum(s[3] for s in shards), desc="reference pass", unit="pair",
                disable=not accelerator.is_local_main_process)
+    device, shard = accelerator.device, topology.shard
     with accelerator.autocast():  # the run's precision (DeepSpeed runs cast the weights instead)
         for split, k, start, count in shards:
-            tensors = score_shard(model, splits[split], start, count, cfg, pad_id, accelerator.device)
-            write_shard(cfg.ref_cache_dir / shard_name(split, k), tensors)
+            tensors = score_shard(model, splits[split], start, count, cfg, pad_id, device, shard)
+            if topology.counts:
+                write_shard(cfg.ref_cache_dir / shard_name(split, k), tensors)
             bar.update(count)
         bar.close()
         any_split = next(iter(splits.values()))
         for _ in range(fillers):  # as many collective forwards as the busiest rank; results unused
-            score_shard(model, any_split, 0, 1, cfg, pad_id, accelerator.device)
+            score_shard(model, any_split, 0, 1, cfg, pad_id, device, shard)
     engine.drop_reference(model)
 
 
@@ -114,17 +120,18 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
             fingerprint.write_json_atomic(cache_dir / "manifest.json", manifest_of(parts, splits, [], complete=False))
     accelerator.wait_for_everyone()
 
-    world, rank = accelerator.num_processes, accelerator.process_index
+    topology = distributed.topology(cfg, accelerator)
+    groups, group = topology.data_parallel, topology.data_rank
     plan = plan_shards(splits, cfg.ref_cache.shard_size)
-    todo = _missing_shards(plan, splits, cache_dir, accelerator)
-    mine = todo[rank::world]
-    print(f"[rank {rank}] reference pass: {len(mine)} shard(s) to compute, "
+    todo = _missing_shards(plan, splits, cache_dir, accelerator, topology)
+    mine = todo[group::groups]
+    print(f"[rank {accelerator.process_index}] reference pass: {len(mine)} shard(s) to compute, "
           f"{len(plan) - len(todo)} already complete", flush=True)
     lockstep = engine.reference_is_partitioned(accelerator)
     if mine or (lockstep and todo):
-        batches = [sum(_batches_in(s[3], cfg.train.eval_batch_size) for s in todo[r::world]) for r in range(world)]
-        fillers = max(batches) - batches[rank] if lockstep else 0
-        _reference_pass(cfg, accelerator, splits, mine, fillers, tokenizer.pad_token_id)
+        batches = [sum(_batches_in(s[3], cfg.train.eval_batch_size) for s in todo[g::groups]) for g in range(groups)]
+        fillers = max(batches) - batches[group] if lockstep else 0
+        _reference_pass(cfg, accelerator, splits, mine, fillers, tokenizer.pad_token_id, topology)
         engine.release_memory(accelerator.device)  # the reference leaves memory before any policy exists
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

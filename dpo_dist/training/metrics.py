@@ -40,13 +40,18 @@ def check_save_best(metric: str | None) -> None:
 
 
 class MetricSums:
-    """Running sums of MEAN_KEYS (weighted by pair) and of COUNT_KEYS, kept on one device."""
+    """Running sums of MEAN_KEYS (weighted by pair) and of COUNT_KEYS, kept on one device. A rank
+    that is not `counted` (it shares its pairs with the rank that is: sequence parallelism) adds
+    nothing but takes part in the reduction."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, counted: bool = True):
         self.sums = torch.zeros(len(MEAN_KEYS) + len(COUNT_KEYS), dtype=torch.float64, device=device)
+        self.counted = counted
 
     def add(self, out: LossOutput, weight: torch.Tensor, tokens: torch.Tensor) -> None:
         """tokens: non-padding tokens of the micro-batch (prompt included, both responses)."""
+        if not self.counted:
+            return
         per_pair = torch.stack(
             [
                 out.losses.detach(),

@@ -23,7 +23,7 @@ from dpo_dist import distributed, fingerprint
 from dpo_dist.config import Config, LossConfig
 from dpo_dist.data import PreferenceData
 from dpo_dist.data.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
-from dpo_dist.errors import Preempted, RunStopped
+from dpo_dist.errors import Preempted, RunStopped, UserError
 from dpo_dist.model.logprobs import SequenceScores, sequence_logps
 from dpo_dist.reference.cache import RefLogps, run_fingerprint
 from dpo_dist.reference.precompute import prepare_reference
@@ -50,11 +50,12 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
     """Preference metrics of `model` over all of `data`, split across ranks, as `eval/...` keys."""
     was_training = model.training
     model.eval()
-    sums = MetricSums(accelerator.device)
+    topology = distributed.topology(cfg, accelerator)
+    sums = MetricSums(accelerator.device, counted=topology.counts)
     for positions, weights in eval_batches(len(data.pairs), cfg.train.eval_batch_size,
-                                           accelerator.num_processes, accelerator.process_index):
+                                           topology.data_parallel, topology.data_rank):
         batch = collate([data.pairs[p] for p in positions], pad_id, weights, cfg.packing_mode,
-                        cfg.share_prefix).to(accelerator.device)
+                        cfg.share_prefix, topology.shard).to(accelerator.device)
         out = score_batch(model, batch, ref, cfg.loss)
         sums.add(out, batch.weight, pair_tokens(batch))
     model.train(was_training)
@@ -88,7 +89,12 @@ class Trainer:
         self.ref = {k: v.to(acc.device)
                     for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer, parts).items()}
 
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * acc.num_processes
+        self.topology = distributed.topology(cfg, acc)
+        if self.topology.sequence is not None and couples_pairs(cfg.loss):
+            raise UserError(f"loss.loss_type={cfg.loss.loss_type} looks across the step's pairs; with "
+                            "distributed.sequence_parallel > 1 it is not supported yet")
+        dp = self.topology.data_parallel
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
         self.plan = StepPlan(len(self.splits["train"].pairs), self.global_batch, cfg.train.seed)
         self.total_steps = (
             cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * self.plan.steps_per_epoch
@@ -110,10 +116,10 @@ class Trainer:
             self.step = checkpoint.load(acc, resume_from, self.layout, self.model, self.optimizer, self.scheduler)
             self.best = checkpoint.best_so_far(self.output_dir)
             acc.print(f"resumed from {resume_from} at step {self.step}")
+        cut = "" if self.topology.sequence is None else f", each sequence cut across {self.topology.sequence.size}"
         acc.print(
-            f"{acc.num_processes} process(es), global batch {self.global_batch} pairs "
-            f"(micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum} x {acc.num_processes}), "
-            f"{self.total_steps} steps"
+            f"{acc.num_processes} process(es){cut}, global batch {self.global_batch} pairs "
+            f"(micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum} x {dp}), {self.total_steps} steps"
         )
 
     def train_step(self, positions: list[int], sums: MetricSums) -> tuple[float | None, bool, bool]:
@@ -123,12 +129,15 @@ class Trainer:
         was signalled to stop (one all-reduce carries both flags)."""
         acc, cfg = self.accelerator, self.cfg
         train = self.splits["train"]
-        shares = rank_share(positions, acc.num_processes, acc.process_index, cfg.train.grad_accum)
+        topology = self.topology
+        shares = rank_share(positions, topology.data_parallel, topology.data_rank, cfg.train.grad_accum)
         batches = [collate([train.pairs[p] for p in micro_positions], self.pad_id, weights, cfg.packing_mode,
-                           cfg.share_prefix) for micro_positions, weights in shares]
+                           cfg.share_prefix, topology.shard) for micro_positions, weights in shares]
         # Each rank's backward gets d(mean loss over the step's pairs) · world · accum: after
         # DeepSpeed/DDP divide by accum and average over ranks, the gradient is that of the mean
-        # loss over all pairs of the step, also when the last step of an epoch is short.
+        # loss over all pairs of the step, also when the last step of an epoch is short. (Ranks that
+        # share sequences each hold their columns' part of the gradient; the average over all ranks
+        # adds the parts.)
         scale = acc.num_processes * cfg.train.grad_accum
         if couples_pairs(cfg.loss):
             objectives = self._coupled_objectives(positions, batches, sums)
@@ -267,7 +276,7 @@ class Trainer:
     def train(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
-        sums = MetricSums(acc.device)
+        sums = MetricSums(acc.device, counted=self.topology.counts)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not acc.is_local_main_process)
         window_start = time.perf_counter()
