@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpo_dist.errors import UserError
 from dpo_dist.config import Config, load_config
 
 
 def load_run_config(path: Path | None, overrides: list[str]) -> Config:
     """`config.load_config`, plus the checks that need the losses' and metrics' own names."""
-    from dpo_dist.training.losses import check_loss_config
+    from dpo_dist.training.losses import check_loss_config, couples_pairs
     from dpo_dist.training.metrics import check_save_best
 
     cfg = load_config(path, overrides)
     check_loss_config(cfg.loss)
     check_save_best(cfg.train.save_best)
+    if cfg.distributed.sequence_parallel > 1 and couples_pairs(cfg.loss):
+        raise UserError(f"loss.type={cfg.loss.type} looks across the step's pairs; with "
+                        "distributed.sequence_parallel > 1 it is not supported yet")
     return cfg
 
 
@@ -53,7 +57,7 @@ def train_command(cfg: Config) -> None:
 
 def evaluate_command(cfg: Config) -> dict:
     """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
-    from dpo_dist.distributed import run_forward_dtypes
+    from dpo_dist.distributed import cut_sequences, run_forward_dtypes
     from dpo_dist.model import loading
     from dpo_dist.reference.precompute import prepare_reference
     from dpo_dist.session import setup_run
@@ -65,6 +69,7 @@ def evaluate_command(cfg: Config) -> dict:
     ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
     weights_dtype, _ = run_forward_dtypes(cfg, acc)  # the precision training runs in (autocast: by prepare_model)
     policy = loading.load_causal_lm(loading.policy_path(cfg.model), cfg.model).to(dtype=weights_dtype)
+    policy = cut_sequences(policy, cfg, acc)
     policy = acc.prepare_model(policy, evaluation_mode=True)
     metrics = evaluate_policy(policy, splits[name], ref, cfg, acc, tokenizer.pad_token_id)
     if acc.is_main_process:

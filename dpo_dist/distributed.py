@@ -72,7 +72,9 @@ def build_accelerator(cfg: Config):
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
-    derive_grad_accum(cfg, int(os.environ.get("WORLD_SIZE", "1")) // cfg.distributed.sequence_parallel)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_sequence_parallel(cfg, world)
+    derive_grad_accum(cfg, world // cfg.distributed.sequence_parallel)
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     precision = resolve_precision(cfg)
     plugin = _deepspeed_plugin(cfg, precision)
@@ -192,18 +194,31 @@ class Topology:
         return self.sequence is None or self.sequence.rank == 0
 
 
+def check_sequence_parallel(cfg: Config, world: int) -> None:
+    """Refuses, in one line and before any work, what sequence parallelism cannot run."""
+    size = cfg.distributed.sequence_parallel
+    ulysses.check_supported(cfg.model.attn_implementation, size)
+    if world % size:
+        raise UserError(f"distributed.sequence_parallel={size} does not divide the {world} processes")
+
+
 def topology(cfg: Config, accelerator) -> Topology:
     """Groups of distributed.sequence_parallel consecutive ranks share sequences; the groups split
-    the data. Refuses what sequence parallelism does not support, in one line."""
+    the data (`check_sequence_parallel` ran when the accelerator was built)."""
     size, world, rank = cfg.distributed.sequence_parallel, accelerator.num_processes, accelerator.process_index
     if size == 1:
         return Topology(world, rank, None)
-    if world % size:
-        raise UserError(f"distributed.sequence_parallel={size} does not divide the {world} processes")
-    ulysses.check_supported(cfg.model.attn_implementation, size)
     group = _sequence_group(size, world, rank)
     return Topology(world // size, rank // size,
                     ulysses.SequenceParallel(group, size, rank % size, cfg.model.attn_implementation))
+
+
+def cut_sequences(model: torch.nn.Module, cfg: Config, accelerator) -> torch.nn.Module:
+    """`model` with its attention cut across this rank's sequence group (distributed.sequence_parallel > 1)."""
+    sequence = topology(cfg, accelerator).sequence
+    if sequence is not None:
+        ulysses.install(model, sequence)
+    return model
 
 
 @functools.cache
@@ -290,10 +305,7 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     if cfg.model.attn_implementation == "flex_attention" and accelerator.device.type == "cpu":
         raise UserError("model.attn_implementation=flex_attention cannot train on the CPU (PyTorch has no CPU "
                         "backward for FlexAttention); use sdpa here (precompute and evaluate run with flex)")
-    model = loading.load_policy(cfg.model)  # partitioned from load time under ZeRO-3 (zero3_init_flag)
-    sequence = topology(cfg, accelerator).sequence
-    if sequence is not None:
-        ulysses.install(model, sequence)
+    model = cut_sequences(loading.load_policy(cfg.model), cfg, accelerator)  # ZeRO-3: partitioned from load time
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(

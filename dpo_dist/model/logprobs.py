@@ -155,9 +155,10 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False)
     inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False,
                   **batch.varlen_kwargs())
     shared_mask = contextlib.nullcontext()
+    if (sp is None) != (batch.columns is None):
+        raise ValueError("a batch collated with a shard (collate(shard=...)) goes with a sequence-parallel model "
+                         "(ulysses.install), and only with one")
     if sp is not None:  # this rank's columns; the attention gets the full-width mask
-        if batch.columns is None:
-            raise ValueError("a sequence-parallel model needs batches collated with its shard (collate(shard=...))")
         lo, hi = batch.columns
         inputs.update(input_ids=batch.input_ids[:, lo:hi], position_ids=batch.position_ids[:, lo:hi],
                       attention_mask=None)

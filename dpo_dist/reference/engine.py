@@ -15,8 +15,8 @@ import re
 import torch
 
 from dpo_dist.config import Config
-from dpo_dist.distributed import run_forward_dtypes, topology, transformers_zero3_off, zero_stage
-from dpo_dist.model import loading, ulysses
+from dpo_dist.distributed import cut_sequences, run_forward_dtypes, transformers_zero3_off, zero_stage
+from dpo_dist.model import loading
 from dpo_dist.model.logprobs import install_response_head
 from dpo_dist.reference.partitioned import NotSliceable, build_partitioned, checkpoint_index
 
@@ -76,11 +76,7 @@ def _without_auto(tree: dict) -> dict:
 def load_reference(cfg: Config, accelerator) -> torch.nn.Module:
     """The frozen reference, ready to score batches on this rank's device (see `_placed_reference`),
     its sequences cut across the ranks of a group under distributed.sequence_parallel."""
-    model = _placed_reference(cfg, accelerator)
-    sequence = topology(cfg, accelerator).sequence
-    if sequence is not None:
-        ulysses.install(model, sequence)
-    return model
+    return cut_sequences(_placed_reference(cfg, accelerator), cfg, accelerator)
 
 
 def _placed_reference(cfg: Config, accelerator) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from dpo_dist import distributed, fingerprint
 from dpo_dist.config import Config, LossConfig
 from dpo_dist.data import PreferenceData
 from dpo_dist.data.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
-from dpo_dist.errors import Preempted, RunStopped, UserError
+from dpo_dist.errors import Preempted, RunStopped
 from dpo_dist.model.logprobs import SequenceScores, sequence_logps
 from dpo_dist.reference.cache import RefLogps, run_fingerprint
 from dpo_dist.reference.precompute import prepare_reference
@@ -89,10 +89,7 @@ class Trainer:
         self.ref = {k: v.to(acc.device)
                     for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer, parts).items()}
 
-        self.topology = distributed.topology(cfg, acc)
-        if self.topology.sequence is not None and couples_pairs(cfg.loss):
-            raise UserError(f"loss.loss_type={cfg.loss.loss_type} looks across the step's pairs; with "
-                            "distributed.sequence_parallel > 1 it is not supported yet")
+        self.topology = distributed.topology(cfg, acc)  # (commands.load_run_config refused what it cannot run)
         dp = self.topology.data_parallel
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
         self.plan = StepPlan(len(self.splits["train"].pairs), self.global_batch, cfg.train.seed)

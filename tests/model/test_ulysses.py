@@ -4,7 +4,6 @@ cut along the sequence equal those of the whole batch on one rank."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 

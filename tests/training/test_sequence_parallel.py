@@ -76,7 +76,12 @@ def test_sequence_parallel_resumes_exactly_after_sigkill(base, tmp_path):
     assert_same(weights(straight), weights(out), atol=0)
 
 
-def test_unsupported_combinations_are_refused_in_one_line(base, tmp_path):
+@pytest.mark.parametrize("extra,message", [
+    ([], "distributed.sequence_parallel=2 does not divide the 1 processes"),
+    (["model.attn_implementation=flash_attention_2"], "with model.attn_implementation=flash_attention_2: not supported"),
+    (["loss.type=aot"], "loss.type=aot looks across the step's pairs"),
+], ids=["processes", "flash", "coupled loss"])
+def test_unsupported_combinations_are_refused_in_one_line(base, tmp_path, extra, message):
     root, args = base
-    result = run_cli("train", f"output_dir={tmp_path / 'a'}", *args, *CUT, f"ref_cache.dir={root / 'cache'}")
-    one_line_error(result, "distributed.sequence_parallel=2 does not divide the 1 processes")
+    result = run_cli("train", f"output_dir={tmp_path / 'a'}", *args, *CUT, f"ref_cache.dir={root / 'cache'}", *extra)
+    one_line_error(result, message)
