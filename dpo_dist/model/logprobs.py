@@ -173,13 +173,15 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False)
             values = token_logps(logits[None], plan.target[None], with_sq=wpo)[0]
     values = values.float()
     logp = values[:, 0] if wpo else values
-    zeros = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=values.device)
-    sums = [zeros.index_add(0, plan.owner, logp), zeros.index_add(0, plan.owner, logp * plan.in_shared)]
-    if wpo:
-        sums.append(zeros.index_add(0, plan.owner, values[:, 1]))
-    sums = torch.stack(sums)
+    # Cut across ranks, a sequence's sum is made of parts that depend on where the batch's width
+    # splits: they are added in float64, so the float32 result does not (the same pairs in a wider
+    # or narrower batch, as in the reference pass, give the same log-probs: step-0 rewards are 0).
+    dtype = torch.float32 if sp is None else torch.float64
+    zeros = torch.zeros(2 * batch.num_pairs, dtype=dtype, device=values.device)
+    parts = [logp, logp * plan.in_shared, *([values[:, 1]] if wpo else [])]
+    sums = torch.stack([zeros.index_add(0, plan.owner, part.to(dtype)) for part in parts])
     if sp is not None:  # each rank scored the response tokens of its columns
-        sums = sp.sum(sums)
+        sums = sp.sum(sums).float()
     return SequenceScores(
         logps=sums[0],
         tokens=plan.tokens,

@@ -54,6 +54,20 @@ def main() -> None:
                               "logps": (got - expected).abs().max().item(), "largest": expected.abs().max().item(),
                               "grads": max(((grad_got[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
                                            for n, g in grad_expected.items())})
+    # FlexAttention: forward only on the CPU (the reference pass, evaluation); the BlockMask of the
+    # layout is built at full width, as for sdpa.
+    whole = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_attention")
+    install_response_head(whole)
+    cut = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_attention")
+    install_response_head(cut)
+    ulysses.install(cut, ulysses.SequenceParallel(group, size, rank, "flex_attention"))
+    pairs = load_preference_data(files[-1], tok, 1024, "keep_end").pairs
+    with torch.no_grad():
+        expected = sequence_logps(whole, collate(pairs, tok.pad_token_id, packing="flex", share_prefix=True)).logps
+        got = sequence_logps(cut, collate(pairs, tok.pad_token_id, packing="flex", share_prefix=True,
+                                          shard=(size, rank))).logps
+    lines.append({"attn": "flex_attention", "data": files[-1], "layout": "shared", "columns": [0, 1],
+                  "logps": (got - expected).abs().max().item(), "largest": expected.abs().max().item(), "grads": 0.0})
     if rank == 0:
         with open(out_path, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)

@@ -2,6 +2,8 @@
 reference pass and training with each sequence cut across both ranks give the numbers of one
 process, and a killed run resumes exactly."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +21,7 @@ def base(tiny, tmp_path_factory):
     """Multi-turn chat rows, packed with shared prompts."""
     root = tmp_path_factory.mktemp("sequence_parallel")
     data = write_jsonl(root / "train.jsonl", dialogue_rows(20, seed=5))
-    args = [f"model.policy={tiny['policy']}", f"model.reference={tiny['reference']}", f"data.train={data}",
+    args = [f"model.policy={tiny['policy']}", f"data.train={data}",
             "train.lr=1e-3", "train.warmup_ratio=0", "train.log_every=1", "train.micro_batch_size=2",
             "train.packing=true", "train.prefix_sharing=true", "train.report_to=none"]
     return root, args
@@ -36,7 +38,8 @@ def assert_same(a, b, atol=1e-5):
 
 def test_reference_pass_and_training_equal_one_process(base, tmp_path):
     """ZeRO-3 x 2 with each sequence cut across both ranks (the frozen reference partitioned too):
-    its cache equals the one-process cache, and its training ends on the one-process weights."""
+    its cache equals the one-process cache, its first rewards are 0, and its training ends on the
+    one-process weights."""
     root, args = base
     one_cache, cut_cache = tmp_path / "cache-one", tmp_path / "cache-cut"
     result = run_cli("precompute", f"output_dir={tmp_path / 'pre'}", *args, f"ref_cache.dir={one_cache}")
@@ -46,6 +49,10 @@ def test_reference_pass_and_training_equal_one_process(base, tmp_path):
                      launcher=accelerate("zero3_cpu.yaml", next(ports)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), each sequence cut across 2, global batch 2 pairs (micro 2 x accum 1 x 1)" in result.stdout
+    # The policy starts as the reference: scored in training batches of other widths (so cut at
+    # other places) than in the reference pass, its first rewards are still exactly 0.
+    first = json.loads((cut / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0, first
     shards = sorted(one_cache.glob("*.safetensors"))
     assert shards and [s.name for s in shards] == sorted(s.name for s in cut_cache.glob("*.safetensors"))
     for shard in shards:
