@@ -56,7 +56,7 @@ def main() -> None:
         data = make_data(tmp / "data.jsonl", 8, prompt_words=(4, 16), response_words=(2, 8))
         common = [f"model.policy={model}", f"data.train={data}", f"ref_cache.dir={tmp / 'cache'}",
                   "train.global_batch_size=2", "train.micro_batch_size=1", "train.save_every=1",
-                  "train.keep_last=5", "train.max_steps=3", "trackers=[]"]
+                  "train.keep_last=5", "train.max_steps=3", "train.report_to=none"]
         out = tmp / "run"
         stdout, _ = launch([*common, f"output_dir={out}", "train.max_steps=2"], 2, args.stage)
         saves = [float(s) for s in re.findall(r"checkpoint step-\d+ saved in ([\d.]+) s", stdout)]

@@ -90,12 +90,21 @@ def install_response_head(model: torch.nn.Module) -> bool:
 
 
 def _additive_mask_dtype(model: torch.nn.Module, sp: ulysses.SequenceParallel | None) -> torch.dtype | None:
-    """The model's dtype where its attention adds a 4-D mask to the scores (eager, also under
-    sequence parallelism), else None (sdpa, flex and flash take boolean masks or none). Found through
-    DDP / DeepSpeed / peft wrappers."""
+    """The dtype in which a 4-D mask goes to the attention as 0 / dtype-min, or None for booleans.
+    eager adds the mask to its scores: the model's dtype. sdpa would convert a boolean mask to its
+    queries' dtype in every layer and keep each copy for backward (a 14k-token packed row, 4 layers:
+    3 GB); made once here, in that dtype (autocast's when on), all layers share it. flex and flash
+    take a BlockMask or none. Found through DDP / DeepSpeed / peft wrappers and sequence parallelism."""
     inner = next((m for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")), None)
-    attention = sp.core if sp is not None else inner.config._attn_implementation if inner is not None else None
-    return inner.dtype if attention == "eager" else None
+    if inner is None:
+        return None
+    attention = sp.core if sp is not None else inner.config._attn_implementation
+    if attention == "eager":
+        return inner.dtype
+    if attention == "sdpa":
+        device = inner.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inner.dtype
+    return None
 
 
 def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
