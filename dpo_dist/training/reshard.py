@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist import collectives
 from dpo_dist.distributed import describe_layout
 from dpo_dist.errors import UserError
 
@@ -44,32 +45,36 @@ def load_universal_at_prepare(accelerator) -> None:
 
 
 def universal_checkpoint(accelerator, path: Path, written: dict, layout: dict, shapes: dict[str, torch.Size]) -> Path:
-    """`path/universal/`, converted now if no earlier restart did (every rank waits for it); `written`
-    and `layout` (the run's) only name the change in an error."""
+    """`path/universal/`, converted by the main process now if no earlier restart did; every rank
+    waits for it, and a conversion that fails stops every rank with the same line. `written` and
+    `layout` (the run's) only name the change in that line."""
     folder = Path(path) / UNIVERSAL
-    if accelerator.is_main_process and not folder.is_dir():
-        tmp = Path(path) / f".tmp-{UNIVERSAL}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.print(f"converting {path} to a universal checkpoint (once; later restarts reuse {folder})")
-        start = time.perf_counter()
-        try:
-            if written["deepspeed"]:
-                _from_deepspeed(Path(path) / TAG, tmp / TAG, shapes)
-            else:
-                _from_accelerate(Path(path), tmp / TAG, list(shapes), written["processes"])
-        except (AssertionError, KeyError, RuntimeError, NotImplementedError, ValueError) as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"resume from {path}: written by {describe_layout(written)}, this run is "
-                            f"{describe_layout(layout)}, and converting it to a universal checkpoint failed "
-                            f"({type(err).__name__}: {err}); launch it as it was written, or start over with "
-                            "resume=null") from None
-        for carried in [Path(path) / SCHEDULER_FILE, *Path(path).glob("random_states_*.pkl")]:
-            shutil.copy2(carried, tmp / carried.name)
-        os.replace(tmp, folder)
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        accelerator.print(f"converted in {time.perf_counter() - start:.1f} s ({size / 2**20:.1f} MiB)")
-    accelerator.wait_for_everyone()
+    collectives.on_main_broadcast(  # the main process alone decides (a rank that looked later would see it done)
+        accelerator, lambda: None if folder.is_dir() else _convert(accelerator, Path(path), written, layout, shapes))
     return folder
+
+
+def _convert(accelerator, path: Path, written: dict, layout: dict, shapes: dict[str, torch.Size]) -> None:
+    folder, tmp = path / UNIVERSAL, path / f".tmp-{UNIVERSAL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.print(f"converting {path} to a universal checkpoint (once; later restarts reuse {folder})")
+    start = time.perf_counter()
+    try:
+        if written["deepspeed"]:
+            _from_deepspeed(path / TAG, tmp / TAG, shapes)
+        else:
+            _from_accelerate(path, tmp / TAG, list(shapes), written["processes"])
+    except (AssertionError, KeyError, RuntimeError, NotImplementedError, ValueError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"resume from {path}: written by {describe_layout(written)}, this run is "
+                        f"{describe_layout(layout)}, and converting it to a universal checkpoint failed "
+                        f"({type(err).__name__}: {err}); launch it as it was written, or start over with "
+                        "resume=null") from None
+    for carried in [path / SCHEDULER_FILE, *path.glob("random_states_*.pkl")]:
+        shutil.copy2(carried, tmp / carried.name)
+    os.replace(tmp, folder)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    accelerator.print(f"converted in {time.perf_counter() - start:.1f} s ({size / 2**20:.1f} MiB)")
 
 
 def _from_deepspeed(source: Path, target: Path, shapes: dict[str, torch.Size]) -> None:

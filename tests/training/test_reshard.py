@@ -134,7 +134,7 @@ def test_bf16_master_weights_resume_under_deepspeed(base, tmp_path):
 
 
 class _MainProcess:
-    is_main_process = True
+    is_main_process, num_processes = True, 1
 
     def print(self, *args):
         pass
