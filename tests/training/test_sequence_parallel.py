@@ -36,19 +36,27 @@ def assert_same(a, b, atol=1e-5):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=key)
 
 
-def test_reference_pass_and_training_equal_one_process(base, tmp_path):
-    """ZeRO-3 x 2 with each sequence cut across both ranks (the frozen reference partitioned too):
-    its cache equals the one-process cache, its first rewards are 0, and its training ends on the
-    one-process weights."""
+@pytest.fixture(scope="module")
+def cut_run(base):
+    """ZeRO-3 x 2, each sequence cut across both ranks, the frozen reference partitioned and cut too:
+    it builds its reference cache, then trains 12 steps, checkpointing every 2."""
     root, args = base
-    one_cache, cut_cache = tmp_path / "cache-one", tmp_path / "cache-cut"
-    result = run_cli("precompute", f"output_dir={tmp_path / 'pre'}", *args, f"ref_cache.dir={one_cache}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    cut = tmp_path / "cut"
-    result = run_cli("train", f"output_dir={cut}", *args, *CUT, f"ref_cache.dir={cut_cache}", "train.max_steps=6",
-                     launcher=accelerate("zero3_cpu.yaml", next(ports)))
+    args = [*args, *CUT, f"ref_cache.dir={root / 'cache-cut'}", "train.max_steps=12", "train.save_every=2"]
+    out = root / "cut"
+    result = run_cli("train", f"output_dir={out}", *args, launcher=accelerate("zero3_cpu.yaml", next(ports)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), each sequence cut across 2, global batch 2 pairs (micro 2 x accum 1 x 1)" in result.stdout
+    return out, args
+
+
+def test_reference_pass_and_training_equal_one_process(base, cut_run, tmp_path):
+    """The cut run's cache equals the one-process cache, its first rewards are 0, and its training
+    ends on the one-process weights."""
+    root, args = base
+    cut, cut_args = cut_run
+    one_cache, cut_cache = tmp_path / "cache-one", root / "cache-cut"
+    result = run_cli("precompute", f"output_dir={tmp_path / 'pre'}", *args, f"ref_cache.dir={one_cache}")
+    assert result.returncode == 0, result.stderr[-3000:]
     # The policy starts as the reference: scored in training batches of other widths (so cut at
     # other places) than in the reference pass, its first rewards are still exactly 0.
     first = json.loads((cut / "metrics.jsonl").read_text().splitlines()[0])
@@ -61,26 +69,24 @@ def test_reference_pass_and_training_equal_one_process(base, tmp_path):
             torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-5, msg=f"{shard.name} {key}")
 
     one = tmp_path / "one"  # reads the cut pass's cache: the comparison is of training alone
-    result = run_cli("train", f"output_dir={one}", *args, f"ref_cache.dir={cut_cache}", "train.max_steps=6")
+    one_args = [a for a in cut_args if a not in CUT]
+    result = run_cli("train", f"output_dir={one}", *one_args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(weights(one), weights(cut))
 
 
-def test_sequence_parallel_resumes_exactly_after_sigkill(base, tmp_path):
-    root, args = base
-    args = [*args, *CUT, f"ref_cache.dir={root / 'cache'}", "train.max_steps=12", "train.save_every=2"]
-    straight = tmp_path / "straight"
-    result = run_cli("train", f"output_dir={straight}", *args, launcher=accelerate("zero2_cpu.yaml", next(ports)))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_sequence_parallel_resumes_exactly_after_sigkill(cut_run, tmp_path):
+    """The cut run again, SIGKILLed after its first checkpoint and resumed: the same weights, bit for bit."""
+    cut, args = cut_run
     out = tmp_path / "killed"
-    proc = launch_background([f"output_dir={out}", *args], accelerate("zero2_cpu.yaml", next(ports)))
+    proc = launch_background([f"output_dir={out}", *args], accelerate("zero3_cpu.yaml", next(ports)))
     wait_for(lambda: latest_step(out) >= 2)
     kill_group(proc)
     assert 2 <= latest_step(out) < 12 and not (out / "final").exists(), "the kill should land mid-run"
-    result = run_cli("train", f"output_dir={out}", *args, launcher=accelerate("zero2_cpu.yaml", next(ports)))
+    result = run_cli("train", f"output_dir={out}", *args, launcher=accelerate("zero3_cpu.yaml", next(ports)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
-    assert_same(weights(straight), weights(out), atol=0)
+    assert_same(weights(cut), weights(out), atol=0)
 
 
 @pytest.mark.parametrize("extra,message", [
