@@ -61,7 +61,7 @@ def _convert(accelerator, path: Path, written: dict, layout: dict, shapes: dict[
     start = time.perf_counter()
     try:
         if written["deepspeed"]:
-            _from_deepspeed(path / TAG, tmp / TAG, shapes)
+            _from_deepspeed(path / TAG, tmp / TAG, shapes, written["zero_stage"])
         else:
             _from_accelerate(path, tmp / TAG, list(shapes), written["processes"])
     except (AssertionError, KeyError, RuntimeError, NotImplementedError, ValueError) as err:
@@ -77,7 +77,7 @@ def _convert(accelerator, path: Path, written: dict, layout: dict, shapes: dict[
     accelerator.print(f"converted in {time.perf_counter() - start:.1f} s ({size / 2**20:.1f} MiB)")
 
 
-def _from_deepspeed(source: Path, target: Path, shapes: dict[str, torch.Size]) -> None:
+def _from_deepspeed(source: Path, target: Path, shapes: dict[str, torch.Size], zero_stage: int) -> None:
     """DeepSpeed's converter, then what its output lacks to load under every ZeRO stage (ZeRO-3's
     converter writes flat tensors and no per-parameter step; ZeRO-1/2's loader needs both)."""
     from deepspeed.checkpoint.ds_to_universal import main, parse_arguments
@@ -95,12 +95,11 @@ def _from_deepspeed(source: Path, target: Path, shapes: dict[str, torch.Size]) -
     zero = target / "zero"
     common = torch.load(zero / "optimizer_state.pt", weights_only=False)
     step = _step_of(zero, common)
-    for name, shape in shapes.items():
-        for key in STATES:
-            value = torch.load(zero / name / f"{key}.pt", weights_only=False)
-            if not isinstance(value, dict):
-                torch.save({"param": value.reshape(shape), "cat_dim": 0}, zero / name / f"{key}.pt")
-        if not (zero / name / "step.pt").is_file():
+    if zero_stage == 3:  # rewritten in ZeRO-1/2's form (the others' files are in it already: not read again)
+        for name, shape in shapes.items():
+            for key in STATES:
+                flat = torch.load(zero / name / f"{key}.pt", weights_only=False)
+                torch.save({"param": flat.reshape(shape), "cat_dim": 0}, zero / name / f"{key}.pt")
             torch.save(step, zero / name / "step.pt")
     _write_common(zero, common, common["param_groups"], step)
     states = [target / name for name in MODEL_STATE_NAMES if (target / name).is_file()]
@@ -165,20 +164,21 @@ def load_without_deepspeed(accelerator, model, optimizer, scheduler, folder: Pat
     from accelerate.checkpointing import load_accelerator_state, load_custom_state
 
     zero = Path(folder) / TAG / "zero"
-    trained = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    trained = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
     state_dict = inner.state_dict()
-    names = list(trained_parameter_shapes(accelerator, model))
-    state, masters = {}, []
+    masters = [] if "master_weights" in state_dict else None
+    state = {}
     with torch.no_grad():
-        for i, (name, param) in enumerate(zip(names, trained)):
+        for i, (name, param) in enumerate(trained):
             values = {key: torch.load(zero / name / f"{key}.pt", weights_only=False)["param"] for key in STATES}
             param.copy_(values["fp32"])
-            masters.append(values["fp32"])
+            if masters is not None:
+                masters.append(values["fp32"])
             step = torch.as_tensor(torch.load(zero / name / "step.pt", weights_only=False), dtype=torch.float32)
             state[i] = {"step": step, "exp_avg": values["exp_avg"], "exp_avg_sq": values["exp_avg_sq"]}
     state_dict["state"] = state
-    if "master_weights" in state_dict:
+    if masters is not None:
         state_dict["master_weights"] = masters
     inner.load_state_dict(state_dict)
     load_custom_state(scheduler, str(folder), 0)
