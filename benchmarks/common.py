@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -40,15 +41,17 @@ def make_model(path: Path, hidden: int = 256, layers: int = 4) -> Path:
     return path
 
 
-def run_measured(args: list[str]) -> dict:
-    """Runs `python ARGS` in a child; returns wall seconds and the child's peak resident memory (MiB)."""
+def run_measured(args: list[str], env: dict | None = None) -> dict:
+    """Runs `python ARGS` in a child (with `env` added to the environment); returns wall seconds and
+    the child's peak resident memory (MiB)."""
     probe = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter()\n"
         "rc = subprocess.run(sys.argv[1:]).returncode\n"
         "print(rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe, sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
     rc, seconds, max_rss_kib = out.stdout.strip().splitlines()[-1].split()
     if rc != "0":
         raise RuntimeError(f"benchmark run failed: {' '.join(args)}\n{out.stderr[-3000:]}")

@@ -7,7 +7,11 @@ pair that trains within a memory budget.
 Both runs use the same DeepSpeed JSON (ds_configs/zero3_cpu.json; 1 process, or 2 under `accelerate
 launch`), packing with the prompt shared by both responses (one row of prompt + chosen + rejected),
 reference log-probs from a cache built beforehand, 2 optimizer steps. Peak RSS is that of the largest
-process. The budget search doubles the pair until a run passes the budget, then halves the step.
+process, with glibc's mmap threshold fixed at 128 KiB (`LIVE_MEMORY`) for both: by default glibc
+raises it as large buffers are freed, and later ones of that size then stay in its heap after they
+are freed, so RSS would count freed activations (PyTorch has no CPU allocator of its own to report
+live bytes, as `torch.cuda.max_memory_allocated` does on a GPU). The budget search doubles the pair
+until a run passes the budget, then halves the step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 from common import REPO, WORDS, make_model, run_measured, timestamp
+
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # freed tensors leave RSS (see above)
 
 
 def make_pair(path: Path, tokens: int, seed: int = 0) -> Path:
@@ -43,13 +49,13 @@ def train_peak(tmp: Path, model: Path, tokens: int, cut: int) -> float:
                 "train.packing=true", "train.prefix_sharing=true", "train.micro_batch_size=1", "train.max_steps=2",
                 "train.save_every=0", "train.report_to=none", f"ref_cache.dir={run / 'cache'}",
                 f"distributed.deepspeed={REPO / 'ds_configs' / 'zero3_cpu.json'}"]
-    run_measured(["-m", "dpo_dist", "precompute", *settings, f"output_dir={run / 'pre'}"])  # the cache, first
+    run_measured(["-m", "dpo_dist", "precompute", *settings, f"output_dir={run / 'pre'}"], LIVE_MEMORY)  # the cache
     launch = []
     if cut > 1:
         launch = ["-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "launch" / "accelerate" / "zero3_cpu.yaml"), "--main_process_port", "29795"]
     return run_measured([*launch, "-m", "dpo_dist", "train", *settings, f"output_dir={run / 'train'}",
-                         f"distributed.sequence_parallel={cut}"])["peak_mib"]
+                         f"distributed.sequence_parallel={cut}"], LIVE_MEMORY)["peak_mib"]
 
 
 def longest_within(tmp: Path, model: Path, cut: int, budget: float, start: int) -> int:
@@ -82,7 +88,7 @@ def main() -> None:
             cut: longest_within(tmp, model, cut, args.budget_mib, 4096) for cut in (1, 2)}
 
     print(f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, 8 heads; one pair of ~{args.tokens} tokens "
-          f"(packed, prompt shared); ds_configs/zero3_cpu.json; {timestamp()}\n")
+          f"(packed, prompt shared); ds_configs/zero3_cpu.json; glibc mmap threshold 128 KiB; {timestamp()}\n")
     print("| sequence | peak RSS, largest rank (MiB) | vs whole |\n|---|---:|---:|")
     for cut, label in ((1, "whole on 1 process"), (2, "cut across 2 processes")):
         print(f"| {label} | {peaks[cut]:.0f} | {peaks[cut] / peaks[1]:.2f} |")

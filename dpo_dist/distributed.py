@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo_dist.model import loading, ulysses
+from dpo_dist.model import attention, loading, ulysses
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
 from dpo_dist.precision import (ACCELERATE_NAMES, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
@@ -210,14 +210,14 @@ def topology(cfg: Config, accelerator) -> Topology:
         return Topology(world, rank, None)
     group = _sequence_group(size, world, rank)
     return Topology(world // size, rank // size,
-                    ulysses.SequenceParallel(group, size, rank % size, cfg.model.attn_implementation))
+                    ulysses.SequenceParallel(group, size, rank % size))
 
 
 def cut_sequences(model: torch.nn.Module, cfg: Config, accelerator) -> torch.nn.Module:
     """`model` with its attention cut across this rank's sequence group (distributed.sequence_parallel > 1)."""
     sequence = topology(cfg, accelerator).sequence
     if sequence is not None:
-        ulysses.install(model, sequence)
+        attention.install(model, sequence)
     return model
 
 

@@ -34,7 +34,7 @@ def job_config(tiny, tmp_path_factory):
         f"model: {{policy: {tiny['policy']}}}\n"
         f"data: {{train: {data}}}\n"
         f"ref_cache: {{dir: {root / 'cache'}}}\n"
-        "train: {micro_batch_size: 2, max_steps: 120, save_every: 20, log_every: 10, lr: 1.0e-3, warmup_ratio: 0}\n"
+        "train: {micro_batch_size: 2, max_steps: 40, save_every: 10, log_every: 10, lr: 1.0e-3, warmup_ratio: 0}\n"
     )
     return root, config
 

@@ -74,8 +74,8 @@ class MicroBatch:
     None — one sequence per row, right-padded ([2B, L]); "varlen" — all sequences in one row, no
     mask (flash kernels read boundaries from the position ids); "block_mask" / "flex" — units
     bin-packed into rows, attention kept inside a unit (and off the other side of a shared prompt)
-    by a dense 4-D mask or a FlexAttention BlockMask. The mask is built from the layout where the
-    batch is used (`attention_mask`), on its device, never shipped as [rows, T, T] from the host.
+    by a 4-D mask made from the layout a block of queries at a time (`LayoutMask`) or by a
+    FlexAttention BlockMask; never shipped as [rows, T, T] from the host.
     response_mask marks response tokens; seq_index says which sequence (0..2B-1) each token is of
     (-1 for padding); unit_index, side: which unit a token belongs to and its side of the prompt
     (0 shared, 1 chosen, 2 rejected). index, weight: [B]. cu_seq_lens, max_length ("varlen" only):
@@ -134,36 +134,56 @@ class MicroBatch:
         return dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens,
                     max_length_q=self.max_length, max_length_k=self.max_length)
 
-    def attention_mask(self, additive_dtype: torch.dtype | None = None, dense: bool = False):
-        """What the model's `attention_mask` argument gets for this layout. `additive_dtype`: the 4-D
-        mask as 0 / dtype-min in that dtype instead of booleans, for kernels that add the mask to
-        their scores (eager: transformers hands a 4-D mask through as given, and True adds 1).
-        `dense`: the full causal 4-D mask also for the padded layout (sequence parallelism hands the
-        attention a mask of its own, at full width)."""
+    def attention_mask(self, full: bool = False):
+        """The mask of this layout: None ("varlen": flash reads the boundaries from the position ids);
+        the 2-D padding mask (padded rows, unless `full`: sequence parallelism needs the whole 4-D
+        mask, the model running on a slice of the columns); a FlexAttention BlockMask ("flex"); else
+        a `LayoutMask`, which the model's attention makes into mask rows (`model.attention`)."""
         if self.packing == "varlen":
             return None
-        if self.packing is None and not dense:
+        if self.packing is None and not full:
             return (self.seq_index >= 0).long()
-        unit, side = self.unit_index, self.side
-
-        def visible(b, q, kv):
-            # Earlier tokens of the same unit that are shared (side 0) or on the query's own side.
-            # Padding (unit -1) attends to padding: no fully masked row, so no NaN in the kernel.
-            return (q >= kv) & (unit[b, q] == unit[b, kv]) & ((side[b, kv] == 0) | (side[b, q] == side[b, kv]))
+        mask = LayoutMask(self.unit_index, self.side)
+        if self.packing != "flex":
+            return mask
+        from torch.nn.attention.flex_attention import create_block_mask
 
         rows, width = self.input_ids.shape
-        if self.packing == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask
+        return create_block_mask(lambda b, h, q, kv: mask.visible(b, q, kv), rows, None, width, width,
+                                 device=self.input_ids.device, _compile=self.input_ids.device.type != "cpu")
 
-            return create_block_mask(lambda b, h, q, kv: visible(b, q, kv), rows, None, width, width,
-                                     device=self.input_ids.device, _compile=self.input_ids.device.type != "cpu")
-        positions = torch.arange(width, device=unit.device)
-        mask = visible(torch.arange(rows, device=unit.device)[:, None, None], positions[None, :, None],
-                       positions[None, None, :])[:, None]
-        if additive_dtype is None:
+
+class LayoutMask:
+    """Which keys each query of a row sees, kept as the layout: `unit` and `side` ([rows, W]) of every
+    token (see MicroBatch). A token sees the earlier tokens of its unit that are shared (side 0) or on
+    its own side; padding (unit -1) sees padding, so no row is fully masked (no NaN in the kernel).
+    Mask rows are made on demand: [W, W] per row is too much to keep for long rows."""
+
+    def __init__(self, unit: torch.Tensor, side: torch.Tensor):
+        self.unit, self.side = unit, side
+        self._whole: dict = {}
+
+    def visible(self, b, q, kv) -> torch.Tensor:
+        unit, side = self.unit, self.side
+        return (q >= kv) & (unit[b, q] == unit[b, kv]) & ((side[b, kv] == 0) | (side[b, q] == side[b, kv]))
+
+    def rows(self, start: int, end: int, keys: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[rows, 1, end - start, keys]: queries [start, end) against keys [0, keys); booleans, or with
+        `dtype` 0 / dtype-min to add to the scores (sdpa would otherwise convert booleans in every layer)."""
+        device = self.unit.device
+        mask = self.visible(torch.arange(self.unit.shape[0], device=device)[:, None, None],
+                            torch.arange(start, end, device=device)[None, :, None],
+                            torch.arange(keys, device=device)[None, None, :])[:, None]
+        if dtype is None:
             return mask
-        return torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill_(
-            ~mask, torch.finfo(additive_dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+    def whole(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """All rows of the mask, made once per dtype: every layer of a forward shares it."""
+        if dtype not in self._whole:
+            width = self.unit.shape[1]
+            self._whole[dtype] = self.rows(0, width, width, dtype)
+        return self._whole[dtype]
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -15,6 +15,7 @@ import torch
 
 from dpo_dist.config import ModelConfig
 from dpo_dist.errors import UserError
+from dpo_dist.model import attention
 from dpo_dist.model.logprobs import install_response_head
 from dpo_dist.precision import DTYPES
 
@@ -93,11 +94,18 @@ def load_reference(cfg: ModelConfig) -> torch.nn.Module:
     return freeze(load_causal_lm(reference_path(cfg), cfg))
 
 
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Gradient checkpointing: each layer recomputed in backward, with the layout mask its forward
+    was handed (`attention.recompute_context`)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": attention.recompute_context})
+    model.config.use_cache = False
+
+
 def load_policy(cfg: ModelConfig) -> torch.nn.Module:
     model = load_causal_lm(policy_path(cfg), cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        checkpoint_layers(model)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dpo_dist.data.batching import MicroBatch
-from dpo_dist.model import ulysses
+from dpo_dist.data.batching import LayoutMask, MicroBatch
+from dpo_dist.model import attention
 
 HEAD_FLAG = "_dpo_dist_response_head"
 CHUNK_ROWS = 1024  # positions per vocabulary projection: CHUNK_ROWS × vocab floats at a time
@@ -89,24 +89,6 @@ def install_response_head(model: torch.nn.Module) -> bool:
     return True
 
 
-def _additive_mask_dtype(model: torch.nn.Module, sp: ulysses.SequenceParallel | None) -> torch.dtype | None:
-    """The dtype in which a 4-D mask goes to the attention as 0 / dtype-min, or None for booleans.
-    eager adds the mask to its scores: the model's dtype. sdpa would convert a boolean mask to its
-    queries' dtype in every layer and keep each copy for backward (a 14k-token packed row, 4 layers:
-    3 GB); made once here, in that dtype (autocast's when on), all layers share it. flex and flash
-    take a BlockMask or none. Found through DDP / DeepSpeed / peft wrappers and sequence parallelism."""
-    inner = next((m for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")), None)
-    if inner is None:
-        return None
-    attention = sp.core if sp is not None else inner.config._attn_implementation
-    if attention == "eager":
-        return inner.dtype
-    if attention == "sdpa":
-        device = inner.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inner.dtype
-    return None
-
-
 def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The installed head, also through DDP / DeepSpeed / peft wrappers."""
     return next((m for m in model.modules() if getattr(m, HEAD_FLAG, False)), None)
@@ -159,21 +141,22 @@ def sequence_logps(model: torch.nn.Module, batch: MicroBatch, wpo: bool = False)
     together, padded or packed (see batching.collate); sums in float32. Which positions count comes
     from the batch (`MicroBatch.scoring`, worked out on the host): no host sync here."""
     plan = batch.scoring()
-    sp = ulysses.find(model)
-    mask = batch.attention_mask(_additive_mask_dtype(model, sp), dense=sp is not None)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False,
-                  **batch.varlen_kwargs())
-    shared_mask = contextlib.nullcontext()
+    state = attention.prepare(model)
+    sp = None if state is None else state.sp
     if (sp is None) != (batch.columns is None):
         raise ValueError("a batch collated with a shard (collate(shard=...)) goes with a sequence-parallel model "
-                         "(ulysses.install), and only with one")
-    if sp is not None:  # this rank's columns; the attention gets the full-width mask
+                         "(attention.install with a group), and only with one")
+    mask = batch.attention_mask(full=sp is not None)
+    handed = sp is not None or isinstance(mask, LayoutMask)  # the attention gets it (at full width under SP)
+    if handed and state is None:
+        raise ValueError(f"a {batch.packing} batch needs an attention that takes a 4-D mask (sdpa, eager)")
+    inputs = dict(input_ids=batch.input_ids, attention_mask=None if handed else mask,
+                  position_ids=batch.position_ids, use_cache=False, **batch.varlen_kwargs())
+    if sp is not None:  # this rank's columns
         lo, hi = batch.columns
-        inputs.update(input_ids=batch.input_ids[:, lo:hi], position_ids=batch.position_ids[:, lo:hi],
-                      attention_mask=None)
-        shared_mask = sp.full_mask(mask)
+        inputs.update(input_ids=batch.input_ids[:, lo:hi], position_ids=batch.position_ids[:, lo:hi])
     head = _find_head(model)
-    with _compile_settings(batch), shared_mask:
+    with _compile_settings(batch), attention.handing(mask if handed else None):
         if head is not None:
             with _response_request(head, plan.target, plan.index, wpo):
                 values = model(**inputs).logits  # [n] (or [n, 2]): the head scored the positions only

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_dist.data import load_preference_data
 from dpo_dist.data.batching import collate
-from dpo_dist.model import ulysses
+from dpo_dist.model import attention, loading, ulysses
 from dpo_dist.model.logprobs import install_response_head, sequence_logps
 
 LAYOUTS = {"padded": (None, False), "packed": ("block_mask", False), "shared": ("block_mask", True)}
@@ -41,8 +41,8 @@ def main() -> None:
         install_response_head(whole)
         cut = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
         install_response_head(cut)
-        sp = ulysses.SequenceParallel(group, size, rank, attn)
-        ulysses.install(cut, sp)
+        sp = ulysses.SequenceParallel(group, size, rank)
+        attention.install(cut, sp)
         for file in files:
             pairs = load_preference_data(file, tok, 1024, "keep_end").pairs
             for layout, (packing, share) in LAYOUTS.items():
@@ -54,13 +54,25 @@ def main() -> None:
                               "logps": (got - expected).abs().max().item(), "largest": expected.abs().max().item(),
                               "grads": max(((grad_got[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
                                            for n, g in grad_expected.items())})
+    # Wide rows (the mask made 16 queries at a time) with every layer recomputed in backward.
+    attention.MASK_ENTRIES, attention.MIN_QUERY_BLOCK = 1, 16
+    loading.checkpoint_layers(cut)
+    pairs = load_preference_data(files[-1], tok, 1024, "keep_end").pairs
+    expected, grad_expected = grads_of(whole, collate(pairs, tok.pad_token_id))  # padded: the model's own mask
+    batch = collate(pairs, tok.pad_token_id, packing="block_mask", share_prefix=True, shard=(size, rank))
+    got, grad_got = grads_of(cut.train(), batch, sp)
+    lines.append({"attn": "eager, blocked, checkpointed layers", "data": files[-1], "layout": "shared",
+                  "columns": list(batch.columns), "logps": (got - expected).abs().max().item(),
+                  "largest": expected.abs().max().item(),
+                  "grads": max(((grad_got[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
+                               for n, g in grad_expected.items())})
     # FlexAttention: forward only on the CPU (the reference pass, evaluation); the BlockMask of the
     # layout is built at full width, as for sdpa.
     whole = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_attention")
     install_response_head(whole)
     cut = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_attention")
     install_response_head(cut)
-    ulysses.install(cut, ulysses.SequenceParallel(group, size, rank, "flex_attention"))
+    attention.install(cut, ulysses.SequenceParallel(group, size, rank))
     pairs = load_preference_data(files[-1], tok, 1024, "keep_end").pairs
     with torch.no_grad():
         expected = sequence_logps(whole, collate(pairs, tok.pad_token_id, packing="flex", share_prefix=True)).logps

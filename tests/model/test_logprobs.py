@@ -285,3 +285,34 @@ def test_shared_length_and_wpo_terms_match_naive(tiny, dialogue_file, packing, s
             logp = torch.log_softmax(logits, -1)
             aligned = [logp[t - 1, ids[t]] - torch.log((logp[t - 1].exp() ** 2).sum()) for t in range(seq.response_start, len(ids))]
             assert got.wpo[k].item() == pytest.approx(torch.stack(aligned).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer_checkpointing", [False, True])
+def test_wide_rows_masked_a_block_of_queries_at_a_time(tiny, dialogue_file, attn, layer_checkpointing, monkeypatch):
+    """Rows too wide for a whole [W, W] mask get it a block of queries at a time (each block
+    checkpointed): the padded batch's log-probs and gradients, also with each layer recomputed in
+    backward (gradient checkpointing hands the recomputed layer the mask its forward had)."""
+    from dpo_dist.data.batching import LayoutMask
+    from dpo_dist.model import attention, loading
+
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = list(load_preference_data(str(dialogue_file), tok, 1024, "keep_end").pairs)
+    expected, grad_expected = grads_of(response_model(tiny["reference"], "sdpa"), collate(pairs, tok.pad_token_id))
+    monkeypatch.setattr(attention, "MASK_ENTRIES", 1)
+    monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", 16)
+    blocks = []
+    rows = LayoutMask.rows
+    monkeypatch.setattr(LayoutMask, "rows", lambda self, *a, **k: blocks.append(a[:2]) or rows(self, *a, **k))
+    model = response_model(tiny["reference"], attn)
+    if layer_checkpointing:
+        loading.checkpoint_layers(model)
+    for share_prefix in (False, True):
+        blocks.clear()
+        batch = collate(pairs, tok.pad_token_id, packing="block_mask", share_prefix=share_prefix)
+        got, grad_got = grads_of(model.train(), batch)
+        assert (0, 16) in blocks and (16, 32) in blocks  # blocks of 16 queries, no whole mask
+        assert max(end - start for start, end in blocks) == 16
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for name in grad_expected:
+            torch.testing.assert_close(grad_got[name], grad_expected[name], rtol=1e-4, atol=1e-6, msg=name)
