@@ -39,9 +39,11 @@ def assert_same(a, b, atol=1e-5):
 @pytest.fixture(scope="module")
 def cut_run(base):
     """ZeRO-3 x 2, each sequence cut across both ranks, the frozen reference partitioned and cut too:
-    it builds its reference cache, then trains 12 steps, checkpointing every 2."""
+    it builds its reference cache, then trains 12 steps, checkpointing every 2, each layer
+    recomputed in backward (gradient checkpointing, as long pairs need)."""
     root, args = base
-    args = [*args, *CUT, f"ref_cache.dir={root / 'cache-cut'}", "train.max_steps=12", "train.save_every=2"]
+    args = [*args, *CUT, f"ref_cache.dir={root / 'cache-cut'}", "train.max_steps=12", "train.save_every=2",
+            "model.gradient_checkpointing=true"]
     out = root / "cut"
     result = run_cli("train", f"output_dir={out}", *args, launcher=accelerate("zero3_cpu.yaml", next(ports)))
     assert result.returncode == 0, result.stderr[-3000:]
