@@ -5,8 +5,10 @@ A packed or shared-prompt row needs a mask of its own, [W, W] per row: 0.8 GB in
 14k tokens, made whole on every rank whatever the sequence parallelism (each rank attends over the
 whole width, on its share of the heads). So the mask travels as the layout (`LayoutMask`: unit and
 side of every token) and each layer makes it a block of queries at a time, under activation
-checkpointing: one block's mask exists at a time, in forward and in backward. A row narrow enough
-gets its mask whole, made once per forward and shared by every layer, as before.
+checkpointing: one block's mask exists at a time, in forward and in backward (each block's attention
+then runs twice, but only over the keys before its last query). Batches whose mask is small enough
+(up to 2^26 entries: 8 rows of 2.9k tokens) get it whole, made once per forward and shared by every
+layer, as before.
 
 transformers hands a layer only the model's `attention_mask` argument; the layout is handed here
 instead (`handing`), for one forward. A layer recomputed in backward (gradient checkpointing) is
@@ -28,7 +30,8 @@ NAME = "dpo_dist_{}"  # the attention implementation registered for each core
 FLAG = "_dpo_dist_attention"  # on each attention module: (Attention, the core it wraps)
 STATE = "_dpo_dist_attention_state"  # on the outermost model sequence_logps was given: its Attention
 CORES = ("sdpa", "eager")  # kernels that take a 4-D mask; flex only under sequence parallelism
-MASK_ENTRIES = 1 << 22  # mask entries made at a time (16 MB in float32) for rows too wide to mask whole
+WHOLE_MASK_ENTRIES = 1 << 26  # a mask up to this size (256 MB in float32) is made whole, once per forward
+MASK_BLOCK_ENTRIES = 1 << 22  # a larger one a block of queries at a time, of about this size (16 MB)
 MIN_QUERY_BLOCK = 128
 
 _handed = None  # the current forward's mask: LayoutMask, a BlockMask (flex), or None
@@ -71,8 +74,8 @@ def _attend(core, module, query, key, value, mask, kwargs) -> torch.Tensor:
     if not isinstance(mask, LayoutMask):
         return core(module, query, key, value, mask, **kwargs)[0]
     rows, width = query.shape[0], query.shape[2]
-    block = max(MIN_QUERY_BLOCK, MASK_ENTRIES // (rows * width))
-    if block >= width:
+    block = max(MIN_QUERY_BLOCK, MASK_BLOCK_ENTRIES // (rows * width))
+    if rows * width * width <= WHOLE_MASK_ENTRIES or block >= width:
         return core(module, query, key, value, mask.whole(query.dtype), **kwargs)[0]
     parts = []
     for start in range(0, width, block):

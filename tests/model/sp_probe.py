@@ -55,7 +55,7 @@ def main() -> None:
                               "grads": max(((grad_got[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
                                            for n, g in grad_expected.items())})
     # Wide rows (the mask made 16 queries at a time) with every layer recomputed in backward.
-    attention.MASK_ENTRIES, attention.MIN_QUERY_BLOCK = 1, 16
+    attention.WHOLE_MASK_ENTRIES, attention.MASK_BLOCK_ENTRIES, attention.MIN_QUERY_BLOCK = 0, 1, 16
     loading.checkpoint_layers(cut)
     pairs = load_preference_data(files[-1], tok, 1024, "keep_end").pairs
     expected, grad_expected = grads_of(whole, collate(pairs, tok.pad_token_id))  # padded: the model's own mask

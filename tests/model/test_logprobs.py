@@ -299,7 +299,8 @@ def test_wide_rows_masked_a_block_of_queries_at_a_time(tiny, dialogue_file, attn
     tok = AutoTokenizer.from_pretrained(tiny["reference"])
     pairs = list(load_preference_data(str(dialogue_file), tok, 1024, "keep_end").pairs)
     expected, grad_expected = grads_of(response_model(tiny["reference"], "sdpa"), collate(pairs, tok.pad_token_id))
-    monkeypatch.setattr(attention, "MASK_ENTRIES", 1)
+    monkeypatch.setattr(attention, "WHOLE_MASK_ENTRIES", 0)
+    monkeypatch.setattr(attention, "MASK_BLOCK_ENTRIES", 1)
     monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", 16)
     blocks = []
     rows = LayoutMask.rows
