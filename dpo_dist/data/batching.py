@@ -167,13 +167,14 @@ class LayoutMask:
         unit, side = self.unit, self.side
         return (q >= kv) & (unit[b, q] == unit[b, kv]) & ((side[b, kv] == 0) | (side[b, q] == side[b, kv]))
 
-    def rows(self, start: int, end: int, keys: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """[rows, 1, end - start, keys]: queries [start, end) against keys [0, keys); booleans, or with
-        `dtype` 0 / dtype-min to add to the scores (sdpa would otherwise convert booleans in every layer)."""
+    def rows(self, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[rows, 1, end - start, end]: queries [start, end) against keys [0, end) (later keys are
+        causally masked anyway); booleans, or with `dtype` 0 / dtype-min to add to the scores (sdpa
+        would otherwise convert booleans in every layer)."""
         device = self.unit.device
         mask = self.visible(torch.arange(self.unit.shape[0], device=device)[:, None, None],
                             torch.arange(start, end, device=device)[None, :, None],
-                            torch.arange(keys, device=device)[None, None, :])[:, None]
+                            torch.arange(end, device=device)[None, None, :])[:, None]
         if dtype is None:
             return mask
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -181,8 +182,7 @@ class LayoutMask:
     def whole(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """All rows of the mask, made once per dtype: every layer of a forward shares it."""
         if dtype not in self._whole:
-            width = self.unit.shape[1]
-            self._whole[dtype] = self.rows(0, width, width, dtype)
+            self._whole[dtype] = self.rows(0, self.unit.shape[1], dtype)
         return self._whole[dtype]
 
 

@@ -38,11 +38,11 @@ _handed = None  # the current forward's mask: LayoutMask, a BlockMask (flex), or
 
 
 class Attention:
-    """How one model's attention layers run: `core` (the implementation it was loaded with) and,
-    under sequence parallelism, the group `sp` that cuts its sequences."""
+    """What one model's attention layers share: under sequence parallelism, the group `sp` that cuts
+    its sequences (each layer keeps the core it wraps beside it, under FLAG)."""
 
-    def __init__(self, core: str, sp: ulysses.SequenceParallel | None = None):
-        self.core, self.sp = core, sp
+    def __init__(self, sp: ulysses.SequenceParallel | None = None):
+        self.sp = sp
 
 
 @contextlib.contextmanager
@@ -65,7 +65,7 @@ def recompute_context():
 def _masked_block(core, module, query, key, value, mask: LayoutMask, start: int, kwargs) -> torch.Tensor:
     """Queries [start, start + q) attend to keys [0, start + q): later keys are causally masked anyway."""
     end = start + query.shape[2]
-    return core(module, query, key[:, :, :end], value[:, :, :end], mask.rows(start, end, end, query.dtype),
+    return core(module, query, key[:, :, :end], value[:, :, :end], mask.rows(start, end, query.dtype),
                 **kwargs)[0]
 
 
@@ -110,7 +110,7 @@ def install(model: torch.nn.Module, sp: ulysses.SequenceParallel | None = None) 
         core = configs[0]._attn_implementation
         if core not in CORES and not (sp is not None and core in ulysses.CORES):
             return None
-        state = Attention(core)
+        state = Attention()
         AttentionInterface.register(NAME.format(core), layout_attention)
         # the 4-D mask transformers makes from a 2-D padding mask, when no layout is handed
         AttentionMaskInterface.register(NAME.format(core), eager_mask if core == "eager" else sdpa_mask)
