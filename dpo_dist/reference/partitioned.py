@@ -111,7 +111,7 @@ def build_partitioned(folder: Path, dtype: torch.dtype, attn_implementation: str
     from construction on, with its weights loaded slice by slice. Raises NotSliceable when the
     checkpoint cannot be read that way; the caller then loads it through transformers."""
     import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
     from transformers import initialization
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
@@ -119,6 +119,13 @@ def build_partitioned(folder: Path, dtype: torch.dtype, attn_implementation: str
         raise NotSliceable("offload_param to NVMe swaps partitions out as they are made")
     stored = checkpoint_index(folder)  # before building: refuse cheaply
     config = AutoConfig.from_pretrained(folder)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise NotSliceable(f"transformers has no causal-LM class for {type(config).__name__}")
+    # Resolving the class imports its module here, outside zero.Init: a class first created inside
+    # zero.Init gets back, when it exits, an __init__ without its class decorators' wrappers
+    # (transformers >= 5.25 with `kernels`: every LlamaAttention built afterwards, the policy's
+    # too, lacks `_kernel_funcs`).
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
     class PartitionWithoutBroadcast(deepspeed.zero.Init):
         """zero.Init sends rank 0's value of every new parameter to all ranks so that they agree; here
