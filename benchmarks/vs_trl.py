@@ -19,7 +19,11 @@ training state). Runs, interleaved, `--repeats` times:
   dpo_dist_bf16_weights   bf16 weights (model.dtype=bfloat16) with fp32 master weights in the optimizer
 All dpo_dist runs but the bf16 ones set train.mixed_precision=fp32 (auto would pick bf16 on a GPU).
 Each run is its own child process; time covers building the trainer through the end of training
-(model loading included for all). Prints a table of medians and writes benchmarks/results.md.
+(model loading included for all; dpo_dist also writes its final checkpoint and the exported model,
+TRL with save_strategy="no" writes nothing). "training pairs/s" leaves start-up and saving out on
+both sides: TRL's own train_runtime (its reference forwards are in it) against dpo_dist's
+reference pass plus its training loop (metrics.jsonl's pairs_per_s). Prints a table of medians and
+writes benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -77,6 +81,16 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
     start = time.perf_counter()
     if mode.startswith("dpo_dist"):
         from dpo_dist.cli import main
+        from dpo_dist.reference import precompute
+
+        reference_pass, reference_seconds = precompute._reference_pass, []
+
+        def timed_reference_pass(*args, **kwargs):
+            began = time.perf_counter()
+            reference_pass(*args, **kwargs)
+            reference_seconds.append(time.perf_counter() - began)
+
+        precompute._reference_pass = timed_reference_pass
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
                   "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
@@ -88,6 +102,8 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
         except SystemExit as stop:
             if stop.code:
                 raise
+        last = json.loads((work / "run" / "metrics.jsonl").read_text().splitlines()[-1])  # one window: the loop
+        training = sum(reference_seconds) + last["pairs"] / last["pairs_per_s"]
     else:
         from datasets import load_dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,8 +124,8 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
             args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
             processing_class=AutoTokenizer.from_pretrained(model),
         )
-        trainer.train()
-    return {"seconds": time.perf_counter() - start,
+        training = trainer.train().metrics["train_runtime"]
+    return {"seconds": time.perf_counter() - start, "training_seconds": training,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -164,21 +180,24 @@ def main() -> None:
                 runs[mode].append(json.loads(lines[-1][7:]))
                 print(f"repeat {r + 1}/{args.repeats} {mode}: {runs[mode][-1]['seconds']:.1f} s", flush=True)
 
-    med = {m: {k: statistics.median(x[k] for x in runs[m]) for k in ("seconds", "peak_mib")} for m in MODES}
+    med = {m: {k: statistics.median(x[k] for x in runs[m]) for k in ("seconds", "training_seconds", "peak_mib")}
+           for m in MODES}
     rows = []
     for m in MODES:
         pairs_s = args.pairs / med[m]["seconds"]
-        rows.append((m, pairs_s, tokens / med[m]["seconds"], med[m]["peak_mib"]))
-    base = {m: (p, mem) for m, p, _, mem in rows}
+        rows.append((m, pairs_s, tokens / med[m]["seconds"], med[m]["peak_mib"], args.pairs / med[m]["training_seconds"]))
+    base = {m: (p, mem, t) for m, p, _, mem, t in rows}
     table = [
         "| run | pairs/s | tokens/s | peak RSS (MiB) | pairs/s vs trl | pairs/s vs trl_defaults | "
-        "pairs/s vs trl_precomp | memory vs trl | memory vs trl_defaults |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "pairs/s vs trl_precomp | memory vs trl | memory vs trl_defaults | training pairs/s | "
+        "training vs trl_defaults |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for m, pairs_s, tokens_s, mem in rows:
+    for m, pairs_s, tokens_s, mem, training in rows:
         table.append(f"| {m} | {pairs_s:.2f} | {tokens_s:.0f} | {mem:.0f} | {pairs_s / base['trl'][0]:.2f}x | "
                      f"{pairs_s / base['trl_defaults'][0]:.2f}x | {pairs_s / base['trl_precomp'][0]:.2f}x | "
-                     f"{mem / base['trl'][1]:.2f}x | {mem / base['trl_defaults'][1]:.2f}x |")
+                     f"{mem / base['trl'][1]:.2f}x | {mem / base['trl_defaults'][1]:.2f}x | {training:.2f} | "
+                     f"{training / base['trl_defaults'][2]:.2f}x |")
     where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else torch_device_name()
     header = (f"Llama hidden {args.hidden} x {args.layers} layers (vocab 512), {args.pairs} pairs "
               f"({tokens} tokens, {args.shape} prompt+response lengths), global batch {args.batch}, one epoch, "
