@@ -23,6 +23,7 @@ from dpo_dist.data.batching import LayoutMask, MicroBatch
 from dpo_dist.model import attention
 
 HEAD_FLAG = "_dpo_dist_response_head"
+FOUND_HEAD = "_dpo_dist_found_head"  # on the outermost model sequence_logps was given: its head, or None
 CHUNK_ROWS = 1024  # positions per vocabulary projection: CHUNK_ROWS × vocab floats at a time
 
 
@@ -90,8 +91,11 @@ def install_response_head(model: torch.nn.Module) -> bool:
 
 
 def _find_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The installed head, also through DDP / DeepSpeed / peft wrappers."""
-    return next((m for m in model.modules() if getattr(m, HEAD_FLAG, False)), None)
+    """The installed head, also through DDP / DeepSpeed / peft wrappers; looked for once per outermost
+    model (a 70B model has thousands of modules to walk)."""
+    if FOUND_HEAD not in vars(model):
+        vars(model)[FOUND_HEAD] = next((m for m in model.modules() if getattr(m, HEAD_FLAG, False)), None)
+    return vars(model)[FOUND_HEAD]
 
 
 @contextlib.contextmanager
