@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo_dist import distributed
+from dpo_dist import distributed, host_memory
 from dpo_dist.config import Config, save_config
 from dpo_dist.data import PreferenceData, prepare_split
 from dpo_dist.model import loading
@@ -26,6 +26,7 @@ def setup_run(cfg: Config):
     """What every command starts with: the accelerator, the resolved config on disk, the
     tokenizer and the tokenized splits. Returns (accelerator, tokenizer, splits)."""
     accelerator = distributed.build_accelerator(cfg)
+    host_memory.keep_freed_memory(accelerator.device)  # on the CPU: each step reuses the last one's memory
     distributed.seed_everything(cfg.train.seed)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")

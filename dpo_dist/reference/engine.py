@@ -8,12 +8,12 @@ DeepSpeed engine. `drop_reference` + `release_memory` return its memory before t
 from __future__ import annotations
 
 import copy
-import functools
 import gc
 import re
 
 import torch
 
+from dpo_dist import host_memory
 from dpo_dist.config import Config
 from dpo_dist.distributed import cut_sequences, run_forward_dtypes, transformers_zero3_off, zero_stage
 from dpo_dist.model import loading
@@ -113,38 +113,13 @@ def _placed_reference(cfg: Config, accelerator) -> torch.nn.Module:
             keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers holds only a weak reference
             model = loading.load_causal_lm(path, cfg.model)
     if accelerator.device.type == "cpu":
-        trim_host_heap(accelerator.device)  # the full tensors zero.Init made and freed, module by module
+        host_memory.trim(accelerator.device)  # the full tensors zero.Init made and freed, module by module
         for module in model.modules():  # and each layer's gathered weights, once it is done with them
             if next(module.parameters(recurse=False), None) is not None:
-                module.register_forward_hook(lambda *_: trim_host_heap(accelerator.device))
+                module.register_forward_hook(lambda *_: host_memory.trim(accelerator.device))
     engine = deepspeed.initialize(model=loading.freeze(model), config=ds_config)[0]
     engine.eval()  # returns None on a DeepSpeed engine
     return engine
-
-
-def trim_host_heap(device: torch.device) -> None:
-    """On the CPU, gives freed memory back to the OS (glibc's `malloc_trim`).
-
-    PyTorch has no caching allocator on the CPU, and glibc keeps freed buffers of a few MB in its
-    heap. Measured on a 303M-parameter fp32 reference partitioned over 2 ranks (0.6 GB each): RSS
-    per rank peaked at 1.5-1.7 GB, grew ~12 MB per layer within a forward, and stayed at 1.1 GB after
-    the reference was dropped; trimming after each layer holds the peak at 1.1 GB. (A fixed glibc
-    mmap threshold does the same for the whole process, but cost CPU training 30% of its speed.)
-    """
-    if device.type == "cpu" and _libc() is not None:
-        _libc().malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
-    except OSError:
-        return None
 
 
 def drop_reference(model: torch.nn.Module) -> None:
@@ -171,4 +146,4 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    trim_host_heap(device)
+    host_memory.trim(device)
