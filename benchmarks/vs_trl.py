@@ -19,9 +19,11 @@ training state). Runs, interleaved, `--repeats` times:
   dpo_dist_bf16_weights   bf16 weights (model.dtype=bfloat16) with fp32 master weights in the optimizer
 All dpo_dist runs but the bf16 ones set train.mixed_precision=fp32 (auto would pick bf16 on a GPU).
 Each run is its own child process; time covers building the trainer through the end of training
-(model loading included for all; dpo_dist also writes its final checkpoint and the exported model,
-TRL with save_strategy="no" writes nothing). "training pairs/s" leaves start-up and saving out on
-both sides: TRL's own train_runtime (its reference forwards are in it) against dpo_dist's
+and what a run leaves behind (model loading included for all). Both sides write the same: a final
+resumable checkpoint (weights and Adam state; TRL's default save strategy writes one when training
+ends, as train.save_every=0 does) and the exported model (TRL: trainer.save_model(), as its
+scripts end). "training pairs/s" leaves start-up and saving out on both sides: TRL's own
+train_runtime (its reference forwards are in it) less its checkpoint save, against dpo_dist's
 reference pass plus its training loop (metrics.jsonl's pairs_per_s). Prints a table of medians and
 writes benchmarks/results.md.
 """
@@ -111,7 +113,7 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
 
         args = DPOConfig(
             output_dir=str(work / "trl"), use_cpu=device == "cpu", report_to=[], per_device_train_batch_size=batch,
-            num_train_epochs=1, learning_rate=1e-6, logging_steps=1000, save_strategy="no",
+            num_train_epochs=1, learning_rate=1e-6, logging_steps=1000,
             max_length=max_length, precompute_ref_log_probs=mode == "trl_precomp",
             precompute_ref_batch_size=batch, dataloader_num_workers=0, disable_tqdm=True,
             # TRL 1.16 defaults to bf16 and gradient checkpointing; the other TRL runs are fp32 without
@@ -124,7 +126,18 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
             args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
             processing_class=AutoTokenizer.from_pretrained(model),
         )
-        training = trainer.train().metrics["train_runtime"]
+        save_checkpoint, saving = trainer._save_checkpoint, []
+
+        def timed_save_checkpoint(*args, **kwargs):
+            began = time.perf_counter()
+            save_checkpoint(*args, **kwargs)
+            saving.append(time.perf_counter() - began)
+
+        trainer._save_checkpoint = timed_save_checkpoint  # the one at the end of training
+        training = trainer.train().metrics["train_runtime"] - sum(saving)
+        if not saving:
+            raise RuntimeError("TRL wrote no checkpoint at the end of training")
+        trainer.save_model(str(work / "trl" / "final"))
     return {"seconds": time.perf_counter() - start, "training_seconds": training,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
