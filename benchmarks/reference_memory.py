@@ -6,7 +6,9 @@ and the time to fingerprint the reference weights on a first and a second run.
 A weight-dominated model (fp32, ~300M parameters at the defaults; short pairs) so that the memory
 is the weights'. Each pass is its own `dpo-dist precompute` (2 processes: `accelerate launch
 --config_file launch/accelerate/zero3_cpu.yaml`); peak RSS is that of the largest process (rank).
-The two caches must be equal, or the benchmark stops. --deepspeed: the 2-process run's DeepSpeed
+The two caches must be equal, or the benchmark stops. DeepSpeed's CPU shared-memory op is built
+first: the first ZeRO launch of an environment compiles it (~20 s), and the compiler's memory
+would count as a rank's peak. --deepspeed: the 2-process run's DeepSpeed
 JSON instead of ds_configs/zero3_cpu.json, e.g. benchmarks/zero3_hf_docs.json (the ZeRO-3 example of
 the Hugging Face DeepSpeed docs, without offload: what users copy, with training-time budgets of
 gathered parameters that the reference engine must not keep).
@@ -23,6 +25,13 @@ from pathlib import Path
 import torch
 from common import REPO, make_data, make_model, run_measured, timestamp
 from safetensors.torch import load_file
+
+
+def build_deepspeed_shm_op() -> None:
+    """Compiles (or finds already built) the op the ZeRO-3 ranks load, outside the measured runs."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
 
 
 def fingerprint_seconds(weights: list[Path], digests_home: Path) -> tuple[float, float]:
@@ -54,6 +63,7 @@ def main() -> None:
         common = ["-m", "dpo_dist", "precompute", f"model.policy={model}", f"data.train={data}",
                   "train.eval_batch_size=4", "ref_cache.shard_size=4"]
         os.environ["DPO_DIST_CACHE_HOME"] = str(tmp / "digests-runs")
+        build_deepspeed_shm_op()
         whole = run_measured([*common, f"output_dir={tmp / 'whole'}"])
         zero3 = run_measured(["-m", "accelerate.commands.launch", "--config_file",
                               str(REPO / "launch" / "accelerate" / "zero3_cpu.yaml"), *common,
