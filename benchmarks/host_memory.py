@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import make_data, make_model, run_measured, timestamp
 
+from dpo_dist import host_memory
+
 POLICIES = {"glibc default": {"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "kept (dpo_dist)": {}}
 
 
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    if host_memory.user_malloc_settings():
+        sys.exit("unset MALLOC_*_ and GLIBC_TUNABLES' glibc.malloc settings first: with them dpo_dist keeps glibc's policy")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_model(tmp / "model", args.hidden, args.layers)
@@ -44,7 +48,7 @@ def main() -> None:
         runs = {name: [] for name in POLICIES}
         for r in range(args.repeats):
             for name, env in POLICIES.items():
-                out = tmp / f"run-{r}-{len(runs[name])}-{name.split()[0]}"
+                out = tmp / f"run-{r}-{name.split()[0]}"
                 measured = run_measured([*common, f"output_dir={out}"], env)
                 lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                 step_s = [line["pairs"] / line["pairs_per_s"] for line in lines if "pairs_per_s" in line][1:]

@@ -31,7 +31,9 @@ def build_deepspeed_shm_op() -> None:
     """Compiles (or finds already built) the op the ZeRO-3 ranks load, outside the measured runs."""
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-    ShareMemCommBuilder().load(verbose=False)
+    builder = ShareMemCommBuilder()
+    if builder.is_compatible():  # as DeepSpeed checks before using it (else the ranks use gloo alone)
+        builder.load(verbose=False)
 
 
 def fingerprint_seconds(weights: list[Path], digests_home: Path) -> tuple[float, float]:

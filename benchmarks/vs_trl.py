@@ -23,9 +23,10 @@ and what a run leaves behind (model loading included for all). Both sides write 
 resumable checkpoint (weights and Adam state; TRL's default save strategy writes one when training
 ends, as train.save_every=0 does) and the exported model (TRL: trainer.save_model(), as its
 scripts end). "training pairs/s" leaves start-up and saving out on both sides: TRL's own
-train_runtime (its reference forwards are in it) less its checkpoint save, against dpo_dist's
-reference pass plus its training loop (metrics.jsonl's pairs_per_s). Prints a table of medians and
-writes benchmarks/results.md.
+train_runtime (its reference forwards are in it, but not trl_precomp's reference pass, which
+DPOTrainer's constructor runs) less its checkpoint save, against dpo_dist's reference pass plus
+its training loop (metrics.jsonl's pairs_per_s). Prints a table of medians and writes
+benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ def epoch_work(model: Path, data: Path, max_length: int, batch: int) -> dict[str
     return work
 
 
+def timed(function, seconds: list[float]):
+    """`function`, adding the wall time of each call to `seconds`."""
+    def wrapper(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - began)
+
+    return wrapper
+
+
 def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length: int, device: str, attn: str) -> dict:
     """One timed run in this (fresh) process; returns seconds and peak RSS."""
     start = time.perf_counter()
@@ -85,14 +98,8 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
         from dpo_dist.cli import main
         from dpo_dist.reference import precompute
 
-        reference_pass, reference_seconds = precompute._reference_pass, []
-
-        def timed_reference_pass(*args, **kwargs):
-            began = time.perf_counter()
-            reference_pass(*args, **kwargs)
-            reference_seconds.append(time.perf_counter() - began)
-
-        precompute._reference_pass = timed_reference_pass
+        reference_seconds = []
+        precompute._reference_pass = timed(precompute._reference_pass, reference_seconds)
 
         common = [f"model.policy={model}", f"data.train={data}", f"data.max_length={max_length}",
                   "data.truncation=keep_start", f"ref_cache.dir={work / 'cache'}", f"train.eval_batch_size={batch}",
@@ -126,14 +133,9 @@ def child(mode: str, model: Path, data: Path, work: Path, batch: int, max_length
             args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
             processing_class=AutoTokenizer.from_pretrained(model),
         )
-        save_checkpoint, saving = trainer._save_checkpoint, []
-
-        def timed_save_checkpoint(*args, **kwargs):
-            began = time.perf_counter()
-            save_checkpoint(*args, **kwargs)
-            saving.append(time.perf_counter() - began)
-
-        trainer._save_checkpoint = timed_save_checkpoint  # the one at the end of training
+        # TRL's default strategy saves every 500 steps and when training ends; these runs are shorter.
+        saving = []
+        trainer._save_checkpoint = timed(trainer._save_checkpoint, saving)
         training = trainer.train().metrics["train_runtime"] - sum(saving)
         if not saving:
             raise RuntimeError("TRL wrote no checkpoint at the end of training")
