@@ -41,15 +41,15 @@ def main() -> None:
         tmp = Path(tmp)
         model = make_model(tmp / "model", args.hidden, args.layers)
         data = make_data(tmp / "data.jsonl", 8 * args.steps, prompt_words=(8, 40), response_words=(4, 30))
-        common = ["-m", "dpo_dist", "train", f"model.policy={model}", f"data.train={data}",
-                  f"ref_cache.dir={tmp / 'cache'}", "train.mixed_precision=bf16", "train.micro_batch_size=8",
-                  "train.log_every=1", "train.save_every=0", "train.report_to=none"]
-        run_measured(["-m", "dpo_dist", "precompute", *common[3:], f"output_dir={tmp / 'pre'}"])
+        settings = [f"model.policy={model}", f"data.train={data}", f"ref_cache.dir={tmp / 'cache'}",
+                    "train.mixed_precision=bf16", "train.micro_batch_size=8", "train.log_every=1",
+                    "train.save_every=0", "train.report_to=none"]
+        run_measured(["-m", "dpo_dist", "precompute", *settings, f"output_dir={tmp / 'pre'}"])
         runs = {name: [] for name in POLICIES}
         for r in range(args.repeats):
             for name, env in POLICIES.items():
                 out = tmp / f"run-{r}-{name.split()[0]}"
-                measured = run_measured([*common, f"output_dir={out}"], env)
+                measured = run_measured(["-m", "dpo_dist", "train", *settings, f"output_dir={out}"], env)
                 lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                 step_s = [line["pairs"] / line["pairs_per_s"] for line in lines if "pairs_per_s" in line][1:]
                 runs[name].append({"step_ms": 1000 * statistics.median(step_s), "peak_mib": measured["peak_mib"]})
