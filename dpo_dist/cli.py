@@ -1,18 +1,22 @@
 """Command line: `dpo-dist {tokenize,precompute,train,evaluate,demo,export,report}` (also `python -m dpo_dist ...`).
 
-Parse -> build -> run -> close. A UserError (bad config, data or cache) prints one line and exits
-with code 2; anything else is a bug and keeps its traceback.
+Parse -> build -> run -> close. A UserError (bad config, data or cache) or a file-system fault (full
+disk, read-only folder) prints one line and exits with code 2; Ctrl-C says what was kept and exits
+130, SIGTERM the same with 85 (requeue, as a preempted training run); anything else is a bug: one
+line, then its traceback, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 from pathlib import Path
 
-from dpo_dist import commands
-from dpo_dist.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
+from dpo_dist import commands, run_lock
+from dpo_dist.errors import PREEMPTED_EXIT_CODE, Preempted, Terminated, UserError, interrupted_line
 
 COMMANDS = {
     "tokenize": "Tokenize data.train and data.eval once into the memory-mapped token cache (data.cache_dir), then "
@@ -94,13 +98,51 @@ def run(args: argparse.Namespace) -> None:
          "precompute": commands.precompute_command}[args.command](cfg)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    name = f"dpo-dist {args.command}"
+    signal.signal(signal.SIGTERM, _terminate)  # the training loop turns it into a checkpoint instead
     try:
         run(args)
     except UserError as err:
-        print(f"dpo-dist {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except Preempted as stop:
-        print(f"dpo-dist {args.command}: {stop}", file=sys.stderr, flush=True)
+        print(f"{name}: {stop}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        print(f"\n{name}: {interrupted_line('Ctrl-C')}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except Terminated:
+        print(f"{name}: {interrupted_line('SIGTERM')}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except OSError as err:
+        if err.errno not in FILE_SYSTEM_ERRORS:
+            _say_unexpected(name, err)
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"{name}: error: cannot use{where}: {err.strerror}; nothing was deleted (see README 'Faults')",
+              file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        _say_unexpected(name, err)
+        raise
+    finally:
+        run_lock.release_all()
+
+
+# Where the fault is the machine's (a full disk, a read-only folder), not the code's.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                      errno.EISDIR, errno.ENAMETOOLONG}
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a Ctrl-C
+
+
+def _say_unexpected(name: str, err: BaseException) -> None:
+    """The one line before the traceback of an error dpo-dist did not foresee."""
+    print(f"{name}: error: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+          "(a bug in dpo-dist or a fault of the environment; the traceback follows, please report it)",
+          file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpo_dist.errors import UserError
+from dpo_dist.errors import UserError, set_stage
 from dpo_dist.config import Config, load_config
 
 
@@ -55,6 +55,21 @@ def train_command(cfg: Config) -> None:
         trainer.close()
 
 
+def check_not_against_itself(cfg: Config) -> None:
+    """Refuses to evaluate a model dpo-dist trained against itself (no model.reference): every
+    reward would be 0 and the accuracy meaningless."""
+    from dpo_dist import ownership
+    from dpo_dist.model import loading
+
+    if cfg.model.reference or cfg.model.lora is not None:
+        return
+    marker = ownership.marker(loading.policy_path(cfg.model))
+    if marker.get("kind") == "model export":
+        raise UserError(f"model.policy={cfg.model.policy} is a model dpo-dist trained, and model.reference is not set, "
+                        "so the reference would be the model itself and every reward 0; set model.reference to the "
+                        f"model it was trained against ({marker.get('reference', 'its SFT model')})")
+
+
 def evaluate_command(cfg: Config) -> dict:
     """Evaluates model.policy against the reference log-probs (cache, built first if allowed)."""
     from dpo_dist.distributed import cut_sequences, run_forward_dtypes
@@ -63,10 +78,13 @@ def evaluate_command(cfg: Config) -> dict:
     from dpo_dist.session import setup_run
     from dpo_dist.training.trainer import evaluate_policy
 
+    check_not_against_itself(cfg)
     # The same splits as `train`, so the training run's cache (same fingerprint) serves here too.
     acc, tokenizer, splits = setup_run(cfg)
     name = "eval" if "eval" in splits else "train"
     ref = prepare_reference(cfg, acc, splits, tokenizer)[name].to(acc.device)
+    set_stage("evaluation", lambda: f"the reference cache {cfg.ref_cache_dir}; evaluate writes only at its end: "
+              "rerun it")
     weights_dtype, _ = run_forward_dtypes(cfg, acc)  # the precision training runs in (autocast: by prepare_model)
     policy = loading.load_causal_lm(loading.policy_path(cfg.model), cfg.model).to(dtype=weights_dtype)
     policy = cut_sequences(policy, cfg, acc)

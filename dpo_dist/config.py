@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -224,48 +226,97 @@ class Config:
         return Path(self.data.cache_dir) if self.data.cache_dir else self.ref_cache_dir.parent / "token_cache"
 
     def validate(self) -> None:
-        """Checks across keys that types alone cannot express. What needs another module's knowledge
-        (loss names, metric names) is checked there when a run is built: `commands.load_run_config`."""
+        """Every key by range and meaning, before any work: one line naming the key, the value and
+        what is allowed. What needs another module's knowledge (loss names, metric names) is checked
+        there when a run is built: `commands.load_run_config`."""
+        if not str(self.output_dir).strip() or Path(self.output_dir).expanduser().resolve() == Path.cwd().resolve():
+            raise UserError(f"config: output_dir={self.output_dir!r} is empty or the current folder; a run writes "
+                            "config.yaml, checkpoints and final/ there: name a folder of its own, e.g. runs/exp1")
         choices = {
             "data.truncation": (self.data.truncation, ("keep_end", "keep_start", "drop")),
             "train.scheduler": (self.train.scheduler, ("cosine", "linear", "constant")),
             "train.on_nonfinite": (self.train.on_nonfinite, ("stop", "skip")),
+            "train.save_best_mode": (self.train.save_best_mode, ("min", "max")),
             "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
+            "model.attn_implementation": (self.model.attn_implementation, ATTENTION_KERNELS),
             "train.mixed_precision": (self.train.mixed_precision, ("auto", "fp32", "bf16", "fp16")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
-                raise UserError(f"config: {key}={value!r} is not one of {', '.join(allowed)}")
-        positive = {
-            "train.micro_batch_size": self.train.micro_batch_size,
-            "train.grad_accum": self.train.grad_accum,
-            "train.eval_batch_size": self.train.eval_batch_size,
-            "train.log_every": self.train.log_every,
-            "train.keep_last": self.train.keep_last,
-            "ref_cache.shard_size": self.ref_cache.shard_size,
-            "data.chunk_rows": self.data.chunk_rows,
-            "data.max_length": self.data.max_length,
-            "distributed.sequence_parallel": self.distributed.sequence_parallel,
-        }
-        if self.train.global_batch_size is not None:
-            positive["train.global_batch_size"] = self.train.global_batch_size
-        for key, value in positive.items():
-            if value < 1:
-                raise UserError(f"config: {key} must be >= 1, got {value}")
-        if self.loss.beta <= 0:
-            raise UserError(f"config: loss.beta must be > 0, got {self.loss.beta}")
+                close = difflib.get_close_matches(str(value), allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UserError(f"config: {key}={value!r} is not one of {', '.join(allowed)}{hint}")
+        _check_kernel_installed(self.model.attn_implementation)
+        t, loss = self.train, self.loss
+        ranges = [  # (key, value, allowed: (test, in words)); None values are off and not checked
+            ("train.micro_batch_size", t.micro_batch_size, AT_LEAST_1),
+            ("train.grad_accum", t.grad_accum, AT_LEAST_1),
+            ("train.global_batch_size", t.global_batch_size, AT_LEAST_1),
+            ("train.eval_batch_size", t.eval_batch_size, AT_LEAST_1),
+            ("train.log_every", t.log_every, AT_LEAST_1),
+            ("train.keep_last", t.keep_last, AT_LEAST_1),
+            ("train.epochs", t.epochs, AT_LEAST_1),
+            ("train.max_steps", t.max_steps, (lambda v: v >= 1 or v == -1, "-1 (run train.epochs) or >= 1")),
+            ("train.save_every", t.save_every, AT_LEAST_0),
+            ("train.eval_every", t.eval_every, AT_LEAST_0),
+            ("train.max_nonfinite_skips", t.max_nonfinite_skips, AT_LEAST_0),
+            ("train.seed", t.seed, (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")),
+            ("train.lr", t.lr, POSITIVE),
+            ("train.weight_decay", t.weight_decay, NON_NEGATIVE),
+            ("train.max_grad_norm", t.max_grad_norm, NON_NEGATIVE),
+            ("train.warmup_ratio", t.warmup_ratio, (lambda v: 0 <= v < 1, "a number in [0, 1)")),
+            ("train.adam_betas", t.adam_betas, (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                               "two numbers in [0, 1), e.g. [0.9, 0.999]")),
+            ("loss.beta", loss.beta, POSITIVE),
+            ("loss.weights", loss.weights, (lambda v: all(math.isfinite(w) and w >= 0 for w in v) and any(v),
+                                            "finite numbers >= 0, not all 0")),
+            ("loss.rpo_alpha", loss.rpo_alpha, NON_NEGATIVE),
+            ("loss.f_alpha_divergence_coef", loss.f_alpha_divergence_coef, POSITIVE),
+            ("ref_cache.shard_size", self.ref_cache.shard_size, AT_LEAST_1),
+            ("data.chunk_rows", self.data.chunk_rows, AT_LEAST_1),
+            ("data.max_length", self.data.max_length,
+             (lambda v: v >= 2, "an integer >= 2 (a prompt token, then at least one response token to score)")),
+            ("distributed.sequence_parallel", self.distributed.sequence_parallel, AT_LEAST_1),
+            ("distributed.timeout_minutes", self.distributed.timeout_minutes, AT_LEAST_1),
+        ]
+        if self.model.lora is not None:
+            lora = self.model.lora
+            ranges += [("model.lora.r", lora.r, AT_LEAST_1), ("model.lora.alpha", lora.alpha, POSITIVE),
+                       ("model.lora.dropout", lora.dropout, (lambda v: 0 <= v < 1, "a number in [0, 1)")),
+                       ("model.lora.target_modules", lora.target_modules, (bool, "at least one module name"))]
+        for key, value, (allowed, words) in ranges:
+            if value is not None and not _holds(allowed, value):
+                raise UserError(f"config: {key}={value!r} is out of range; allowed: {words}")
         trackers = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
         for name in self.trackers:
             if name not in trackers:
                 close = difflib.get_close_matches(name, trackers, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(trackers)} or none)"
                 raise UserError(f"config: train.report_to: unknown tracker {name!r}{hint}")
-        if self.train.save_best_mode not in ("min", "max"):
-            raise UserError(f"config: train.save_best_mode must be min or max, got {self.train.save_best_mode!r}")
-        if not 0 <= self.train.warmup_ratio < 1:
-            raise UserError(f"config: train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
-        if len(self.train.adam_betas) != 2:
-            raise UserError("config: train.adam_betas takes two numbers, e.g. [0.9, 0.999]")
+        if self.model.reference is not None and not self.model.reference.strip():
+            raise UserError("config: model.reference='' names no model; leave it null to use the policy's start")
+
+
+ATTENTION_KERNELS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+AT_LEAST_0 = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def _holds(test, value) -> bool:
+    try:
+        return bool(test(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_kernel_installed(name: str) -> None:
+    """flash_attention_N needs its package: refuse here, not inside transformers at load time."""
+    package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UserError(f"config: model.attn_implementation={name} needs the {package} package, which is not "
+                        "installed here (pip install flash-attn on a CUDA machine); or use sdpa")
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -408,10 +459,22 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+RESOLVED_HEADER = "# The resolved config of a dpo-dist run, written by dpo-dist (it replaces this file on each run).\n"
+
+
 def save_config(config: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    path.write_text(RESOLVED_HEADER + yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def written_by_us(path: str | Path) -> bool:
+    """Whether `path` is a resolved config `save_config` wrote (so a run may replace it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline() == RESOLVED_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -5,6 +5,9 @@ exception is a bug and keeps its traceback.
 """
 
 
+from collections.abc import Callable
+
+
 class UserError(Exception):
     """A problem in the user's input: the message says what, where, and how to fix it."""
 
@@ -22,3 +25,22 @@ class Preempted(Exception):
 class RunStopped(UserError):
     """Training stopped on a fault it cannot train through (a non-finite loss or gradient, a full
     disk); the message says where, and which checkpoint is left to resume from."""
+
+
+class Terminated(Exception):
+    """SIGTERM outside the training loop (tokenization, the reference pass): the CLI says what was
+    kept and exits with PREEMPTED_EXIT_CODE, as a preempted training run does."""
+
+
+_stage: dict = {"doing": "start-up", "kept": lambda: "nothing was written yet"}
+
+
+def set_stage(doing: str, kept: Callable[[], str]) -> None:
+    """What the command does now, and a function saying what an interruption leaves and how to go
+    on: the CLI's last line after Ctrl-C or SIGTERM."""
+    _stage.update(doing=doing, kept=kept)
+
+
+def interrupted_line(how: str) -> str:
+    """e.g. 'interrupted (Ctrl-C) during the reference pass; kept: ...'."""
+    return f"interrupted ({how}) during {_stage['doing']}; kept: {_stage['kept']()}"

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo_dist import distributed, host_memory
-from dpo_dist.config import Config, save_config
+from dpo_dist import collectives, distributed, host_memory, ownership, run_lock
+from dpo_dist.config import Config, save_config, written_by_us
+from dpo_dist.errors import UserError
 from dpo_dist.data import PreferenceData, prepare_split
 from dpo_dist.model import loading
 
@@ -19,7 +20,25 @@ def load_splits(cfg: Config, tokenizer, accelerator) -> dict[str, PreferenceData
         splits["eval"] = prepare_split(cfg, accelerator, "eval", cfg.data.eval, tokenizer)
     for name, data in splits.items():
         accelerator.print(data.summary(name))
+    if "eval" in splits:
+        shared = sorted({f.resolve() for f in splits["eval"].files} & {f.resolve() for f in splits["train"].files})
+        if shared:
+            accelerator.print(f"warning: data.eval shares {len(shared)} file(s) with data.train ({shared[0]}); eval "
+                              "metrics of pairs the policy trained on say little about held-out pairs")
     return splits
+
+
+def take_output_dir(cfg: Config) -> None:
+    """Claims OUTPUT_DIR for this run (marked as dpo_dist's, locked against a second run) and writes
+    the resolved config there, never over a config.yaml that dpo-dist did not write."""
+    out = Path(cfg.output_dir)
+    ownership.claim(out, "run", "output_dir")
+    run_lock.acquire(out)
+    resolved = out / "config.yaml"
+    if resolved.exists() and not written_by_us(resolved):
+        raise UserError(f"{resolved} was not written by dpo-dist (your own config?) and a run writes its resolved "
+                        "config there; keep your config outside output_dir, or choose another output_dir")
+    save_config(cfg, resolved)
 
 
 def setup_run(cfg: Config):
@@ -28,9 +47,9 @@ def setup_run(cfg: Config):
     accelerator = distributed.build_accelerator(cfg)
     host_memory.keep_freed_memory(accelerator.device)  # on the CPU: each step reuses the last one's memory
     distributed.seed_everything(cfg.train.seed)
-    if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    collectives.on_main_broadcast(accelerator, lambda: take_output_dir(cfg))  # the other ranks wait for the verdict
     tokenizer = loading.load_tokenizer(cfg.model)
+    loading.check_vocabularies(cfg.model, tokenizer)
     if cfg.train.prefix_sharing and not cfg.share_prefix:
         accelerator.print(f"train.prefix_sharing: not with packing={cfg.packing_mode} (the attention kernel cannot "
                           "take the shared-prompt mask); sequences are packed unshared")

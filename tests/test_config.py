@@ -31,9 +31,9 @@ def test_resolved_config_round_trips(tmp_path):
     ("train.lr=fast", "train.lr='fast' has the wrong type"),
     ("train.micro_batch_size=2.5", "train.micro_batch_size=2.5 has the wrong type"),
     ("loss.type=dpo", "loss.type='dpo' is not one of"),
-    ("loss.beta=0", "loss.beta must be > 0"),
+    ("loss.beta=0", "loss.beta=0.0 is out of range; allowed: a finite number > 0"),
     ("train.save_best=eval/los", "train.save_best='eval/los' is not an eval metric; did you mean 'eval/loss'?"),
-    ("train.grad_accum=0", "train.grad_accum must be >= 1"),
+    ("train.grad_accum=0", "train.grad_accum=0 is out of range; allowed: an integer >= 1"),
     ("lr", "not of the form"),
 ])
 def test_bad_config_is_refused_by_name(override, message):
@@ -80,5 +80,5 @@ def test_global_batch_size_derives_grad_accum_for_the_process_count():
     assert cfg.train.grad_accum == 1
     with pytest.raises(UserError, match=r"train.global_batch_size=8 is not a multiple of .* 2 x 3"):
         derive_grad_accum(cfg, 3)
-    with pytest.raises(UserError, match="train.global_batch_size must be >= 1"):
+    with pytest.raises(UserError, match="train.global_batch_size=0 is out of range"):
         load_config(None, ["train.global_batch_size=0"])

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpo_dist import collectives, fingerprint
+from dpo_dist import collectives, fingerprint, ownership
 from dpo_dist.config import Config, DataConfig
 from dpo_dist.data.rows import detect_form, rename_columns
 from dpo_dist.data.sources import Chunk, Source, resolve_sources
 from dpo_dist.data.store import Pairs, PreferenceData
 from dpo_dist.data.tokenize import TokenizedPairs, TokenSettings, tokenize_rows
-from dpo_dist.errors import UserError
+from dpo_dist.errors import UserError, set_stage
 
 FORMAT_VERSION = 1
 
@@ -51,9 +50,14 @@ def token_settings(sources: list[Source], data: DataConfig, what: str) -> TokenS
     if first is None:
         raise UserError(f"{what}: {', '.join(s.name for s in sources)} holds no rows")
     where, row = first
-    row = rename_columns(row, data.columns)
     if not isinstance(row, dict):
         raise UserError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    absent = {ours: theirs for ours, theirs in data.columns.items() if theirs not in row and ours not in row}
+    if absent:
+        ours, theirs = next(iter(absent.items()))
+        raise UserError(f"data.columns maps {ours} to '{theirs}', but {where} has no field '{theirs}' (its fields: "
+                        f"{', '.join(map(str, row))})")
+    row = rename_columns(row, data.columns)
     form = detect_form(row)
     return TokenSettings(max_length=data.max_length, truncation=data.truncation, form=form,
                          implicit_prompt=form != "pretokenized" and "prompt" not in row,
@@ -119,6 +123,8 @@ def _build(folder: Path, sources: list[Source], tokenizer, settings: TokenSettin
            parts: dict[str, str], accelerator, what: str) -> None:
     """Tokenizes this rank's chunks that are not complete yet; the main process then seals the manifest."""
     world, rank = accelerator.num_processes, accelerator.process_index
+    set_stage(f"tokenization of {what}", lambda: f"the complete parts of the token cache {folder}; rerun the same "
+              "command to continue from them")
     chunks = 0
     with tqdm(desc=f"tokenizing {what}", unit="row", disable=not accelerator.is_local_main_process) as bar:
         for k, first, chunk in numbered_chunks(sources, chunk_rows):
@@ -132,6 +138,20 @@ def _build(folder: Path, sources: list[Source], tokenizer, settings: TokenSettin
         totals = {key: sum(c[key] for c in counts) for key in ("pairs", "rows", "truncated", "dropped")}
         fingerprint.write_json_atomic(folder / "manifest.json", _manifest(parts, settings, chunks, totals, True))
     accelerator.wait_for_everyone()
+
+
+def _damaged_parts(folder: Path, chunks: int) -> list[tuple[int, str]]:
+    """(part, what is wrong) for each part of a complete cache that cannot be read back whole."""
+    damaged = []
+    for k in range(chunks):
+        try:
+            part = _read_part(folder, k)
+            if len(part.offsets) != 2 * len(part.index) + 1 or int(part.offsets[-1]) != len(part.ids) or len(
+                    part.starts) != 2 * len(part.index):
+                raise ValueError("its arrays do not agree in length")
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+            damaged.append((k, f"{type(err).__name__}: {err}"))
+    return damaged
 
 
 def _manifest(parts: dict[str, str], settings: TokenSettings, chunks: int, totals: dict, complete: bool) -> dict:
@@ -154,19 +174,28 @@ def prepare_split(cfg: Config, accelerator, name: str, spec, tokenizer) -> Prefe
     settings = token_settings(sources, cfg.data, what)
     parts = collectives.on_main_broadcast(
         accelerator, lambda: fingerprint_parts(sources, tokenizer, settings, cfg.data.chunk_rows))
-    folder = cfg.token_cache_dir / name
+    root, folder = cfg.token_cache_dir, cfg.token_cache_dir / name
     manifest = fingerprint.read_manifest(folder, "token cache")
     changed = [] if manifest is None else _changes(manifest, parts)
-    if manifest is None or changed or not manifest["complete"]:
+    damaged = [] if manifest is None or changed or not manifest["complete"] else collectives.on_main_broadcast(
+        accelerator, lambda: _damaged_parts(folder, manifest["chunks"]))
+    if manifest is None or changed or damaged or not manifest["complete"]:
         accelerator.wait_for_everyone()  # every rank has read the manifest before it changes
-        if accelerator.is_main_process:
+
+        def open_folder() -> None:  # only ever deletes what a token cache writes (see `ownership`)
+            ownership.claim(root, "token cache", "data.cache_dir")
             if changed:
                 print(f"token cache {folder} was built from different {', '.join(changed)}; rebuilding", flush=True)
-                shutil.rmtree(folder)
+                ownership.remove_own(root, "token cache", "data.cache_dir", below=name)
+            for k, problem in damaged:
+                print(f"token cache part {_part_path(folder, k, 'json')} is damaged ({problem}); rebuilding it",
+                      flush=True)
+                _part_path(folder, k, "json").unlink()  # the part's completion mark: _build writes it anew
             if manifest is None or changed:
                 folder.mkdir(parents=True, exist_ok=True)
                 fingerprint.write_json_atomic(folder / "manifest.json", _manifest(parts, settings, 0, {}, False))
-        accelerator.wait_for_everyone()
+
+        collectives.on_main_broadcast(accelerator, open_folder)
         _build(folder, sources, tokenizer, settings, cfg.data.chunk_rows, parts, accelerator, what)
         manifest = fingerprint.read_manifest(folder, "token cache")
     return _split([_read_part(folder, k) for k in range(manifest["chunks"])], manifest["form"], sources, what,

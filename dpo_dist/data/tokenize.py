@@ -106,6 +106,21 @@ def _check_vocabulary(rows: list[Row], vocab_size: int) -> None:
                                 f"vocabulary (0..{vocab_size - 1})")
 
 
+def _warn_of_useless_pairs(rows: list[Row], chosen: list, rejected: list, form: str) -> None:
+    """Warns (the run goes on) of pairs that teach nothing or not what DPO means: chosen equal to
+    rejected (their gradient is 0), and dialogue responses that are not assistant turns."""
+    same = [where for (where, _), c, r in zip(rows, chosen, rejected) if c == r]
+    if same:
+        print(f"warning: {len(same)} pair(s) of {len(rows)} have chosen == rejected (they train nothing), "
+              f"first at {same[0]}", flush=True)
+    if form == "conversational":
+        odd = [where for (where, _), c, r in zip(rows, chosen, rejected)
+               if any(m.get("role") != "assistant" for m in [*c, *r])]
+        if odd:
+            print(f"warning: {len(odd)} pair(s) of {len(rows)} have responses that are not assistant turns "
+                  f"(role other than 'assistant'), first at {odd[0]}", flush=True)
+
+
 def tokenize_rows(rows: list[Row], first_index: int, tokenizer: Any, settings: TokenSettings) -> TokenizedPairs:
     """Checks and tokenizes `rows` (row numbers first_index, first_index+1, ...) into TokenizedPairs."""
     form = settings.form
@@ -122,6 +137,7 @@ def tokenize_rows(rows: list[Row], first_index: int, tokenizer: Any, settings: T
         else:
             fields.append((row["prompt"], row["chosen"], row["rejected"]))
     prompts, chosen, rejected = (list(column) for column in zip(*fields))
+    _warn_of_useless_pairs(rows, chosen, rejected, form)
 
     if form == "pretokenized":
         _check_vocabulary(rows, len(tokenizer))

@@ -8,6 +8,7 @@ cached is used; online, the weights, config and tokenizer files are downloaded o
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from dpo_dist.precision import DTYPES
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(@[\w./-]+)?$")
 # What a causal LM needs from a hub repo: never the duplicate `original/*.pth` of some repos.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
@@ -35,7 +37,55 @@ def resolve_model_dir(name: str, key: str) -> Path:
         folder = _snapshot(name, key)
     if not (folder / "config.json").is_file():
         raise UserError(f"{key}={name}: not a Hugging Face model folder (no config.json there)")
+    check_model_folder(folder, key)
     return folder
+
+
+def check_model_folder(folder: Path, key: str) -> None:
+    """Refuses, before any long work, a model folder whose config or weights cannot be read whole:
+    an unparsable config.json, no weights, a shard the index names but the folder lacks, a
+    safetensors file cut short (a copy or download that did not finish)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{key}: {folder / 'config.json'} is not readable JSON ({err})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"{key}: {folder / 'config.json'} names no model_type; is this a Hugging Face model folder?")
+    weights = sorted(folder.glob("*.safetensors"))
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{key}: {index} is not a readable weight index ({err})") from None
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if missing:
+            raise UserError(f"{key}: {folder} lacks {len(missing)} weight file(s) its index names ({', '.join(missing[:3])})")
+    if not weights and not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+        if (folder / "adapter_config.json").is_file():
+            raise UserError(f"{key}={folder} is a LoRA adapter, not a whole model; name its base model (or export "
+                            "with model.lora.save_merged=true and use final/merged)")
+        raise UserError(f"{key}={folder} holds no weight files (*.safetensors, *.bin)")
+    for path in weights:
+        problem = safetensors_damage(path)
+        if problem:
+            raise UserError(f"{key}: {path} is damaged ({problem}); copy or download it again")
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, from its header alone (None: whole)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + length > size:
+                return f"{size} bytes, shorter than its header"
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        return f"unreadable header: {err}"
+    if 8 + length + end != size:
+        return f"{size} bytes where its header describes {8 + length + end}: cut short"
+    return None
 
 
 def _snapshot(name: str, key: str) -> Path:
@@ -69,17 +119,50 @@ def policy_path(cfg: ModelConfig) -> Path:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_path(cfg))
+    folder = policy_path(cfg)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"model.policy={folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                        "tokenizer there too (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"model.policy={folder}: its tokenizer does not load ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocabularies(cfg: ModelConfig, tokenizer) -> None:
+    """Refuses a policy or reference that cannot score the policy tokenizer's ids: an embedding
+    smaller than the vocabulary, or a reference that ships another vocabulary (its numbers would be
+    log-probs of other tokens)."""
+    for key, folder in (("model.policy", policy_path(cfg)), ("model.reference", reference_path(cfg))):
+        size = json.loads((folder / "config.json").read_text()).get("vocab_size")
+        if isinstance(size, int) and size < len(tokenizer):
+            raise UserError(f"{key}={folder} has {size} token embeddings, fewer than the tokenizer's {len(tokenizer)} "
+                            "tokens; use the tokenizer it was trained with")
+    reference = reference_path(cfg)
+    if reference != policy_path(cfg) and any((reference / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(reference)
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"model.reference={reference} has another vocabulary than model.policy's tokenizer "
+                            f"({len(theirs)} vs {len(tokenizer)} tokens, or other ids); DPO needs the reference to "
+                            "score the same tokens: use the SFT model of this policy")
 
 
 def load_causal_lm(path: Path, cfg: ModelConfig) -> torch.nn.Module:
     """A causal LM whose LM head can score response tokens only (see `logprobs.install_response_head`)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                                     attn_implementation=cfg.attn_implementation)
+    except (OSError, ValueError, KeyError) as err:  # e.g. a model type this transformers lacks, weights that do not fit
+        raise UserError(f"{path}: transformers cannot load this model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
     install_response_head(model)
     return model
 
@@ -116,7 +199,15 @@ def load_policy(cfg: ModelConfig) -> torch.nn.Module:
             target_modules=cfg.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as err:
+            if "not found" not in str(err) and "Target modules" not in str(err):
+                raise
+            names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                            if isinstance(module, torch.nn.Linear)})
+            raise UserError(f"model.lora.target_modules={cfg.lora.target_modules} matches no module of "
+                            f"{cfg.policy}; its linear layers are: {', '.join(names)}") from None
         # Adapters train in float32 even when the base runs in bf16: mixed dtypes inside one
         # ZeRO parameter group break its flat buffers.
         for p in model.parameters():

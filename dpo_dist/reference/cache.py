@@ -64,13 +64,10 @@ def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer,
     """What the cached numbers depend on, part by part, so a mismatch can say which part changed.
     `forward`: the dtypes of the reference's forward (weights, autocast; see `precision`).
     Reads the reference weights unless their digests are known: see `run_fingerprint`."""
-    ref_dir = loading.reference_path(cfg.model)
-    weights = sorted(p for p in ref_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
-    if not weights:
-        raise UserError(f"reference model folder {ref_dir} holds no weight files")
+    weights, config = model_digests(loading.reference_path(cfg.model))
     parts = {
-        "reference weights": fingerprint.digest_of_files(weights),
-        "reference config": fingerprint.digest_of_files([ref_dir / "config.json"]),
+        "reference weights": weights,
+        "reference config": config,
         "tokenizer": fingerprint.tokenizer_digest(tokenizer),
     }
     for name, data in splits.items():
@@ -88,6 +85,14 @@ def fingerprint_parts(cfg: Config, splits: dict[str, PreferenceData], tokenizer,
     parts["forward precision"] = json.dumps({"weights": str(weights).removeprefix("torch."),
                                              "autocast": autocast and str(autocast).removeprefix("torch.")})
     return parts
+
+
+def model_digests(folder: Path) -> tuple[str, str]:
+    """Digests of a model folder's weight files and of its config.json."""
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    if not weights:
+        raise UserError(f"model folder {folder} holds no weight files")
+    return fingerprint.digest_of_files(weights), fingerprint.digest_of_files([folder / "config.json"])
 
 
 def run_fingerprint(cfg: Config, accelerator, splits: dict[str, PreferenceData], tokenizer) -> dict[str, str]:

@@ -8,17 +8,16 @@ its memory returned before any policy exists.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dpo_dist import collectives, distributed, fingerprint
+from dpo_dist import collectives, distributed, fingerprint, ownership
 from dpo_dist.config import Config
 from dpo_dist.data import PreferenceData
 from dpo_dist.data.batching import MicroBatch, collate, eval_batches
-from dpo_dist.errors import UserError
+from dpo_dist.errors import UserError, set_stage
 from dpo_dist.model.logprobs import SequenceScores, sequence_logps
 from dpo_dist.reference import engine
 from dpo_dist.reference.cache import (TENSOR_KEYS, cache_status, expected_index, load_cache, manifest_of,
@@ -87,6 +86,8 @@ def _reference_pass(cfg: Config, accelerator, splits: dict[str, PreferenceData],
                     pad_id: int, topology: distributed.Topology) -> None:
     """Loads the reference, writes `shards` (one rank of a sequence group writes what the group
     computed), runs `fillers` throw-away forwards, drops the reference."""
+    set_stage("the reference pass", lambda: f"the complete shards of the reference cache {cfg.ref_cache_dir}; rerun "
+              "the same command to continue from them")
     model = engine.load_reference(cfg, accelerator)
     bar = tqdm(total=sum(s[3] for s in shards), desc="reference pass", unit="pair",
                disable=not accelerator.is_local_main_process)
@@ -112,13 +113,15 @@ def build_cache(cfg: Config, accelerator, splits: dict[str, PreferenceData], tok
     else; `parts` is this run's `run_fingerprint`.
     """
     cache_dir = cfg.ref_cache_dir
-    if accelerator.is_main_process:
-        if cfg.ref_cache.overwrite and cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def open_folder() -> None:  # only ever deletes what a reference cache writes (see `ownership`)
+        ownership.claim(cache_dir, "reference cache", "ref_cache.dir")
+        if cfg.ref_cache.overwrite:
+            ownership.remove_own(cache_dir, "reference cache", "ref_cache.dir")
         if not (cache_dir / "manifest.json").exists():
             fingerprint.write_json_atomic(cache_dir / "manifest.json", manifest_of(parts, splits, [], complete=False))
-    accelerator.wait_for_everyone()
+
+    collectives.on_main_broadcast(accelerator, open_folder)  # every rank waits for it, and hears a refusal
 
     topology = distributed.topology(cfg, accelerator)
     groups, group = topology.data_parallel, topology.data_rank

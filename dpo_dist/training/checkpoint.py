@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist import collectives, ownership
 from dpo_dist.config import Config, ModelConfig, load_config, save_config
 from dpo_dist.distributed import describe_layout, transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
@@ -29,6 +30,7 @@ from dpo_dist.precision import DTYPES
 from dpo_dist.training import reshard
 
 STATE_FILE = "trainer_state.json"
+EXPORT_KIND = "model export"
 BEST_FILE = "best.json"
 
 
@@ -47,7 +49,12 @@ def _complete_checkpoints(output_dir: Path) -> list[Path]:
 
 def damage(path: Path) -> str | None:
     """What is wrong with a checkpoint's files against the sizes recorded when it was written."""
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step recorded")
+    except (OSError, ValueError) as err:
+        return f"{path / STATE_FILE} is unreadable ({err})"
     for name, size in state.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -96,7 +103,7 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
     start = time.perf_counter()
     try:
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover, in our own checkpoints/ (claim_root)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
@@ -173,34 +180,62 @@ def load(accelerator, path: Path, layout: dict, model, optimizer, scheduler) -> 
 
 def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig, info: dict | None = None) -> None:
     """Hugging Face folder: full weights (gathered from ZeRO-3 shards) or the LoRA adapter, written
-    to a temp folder and renamed into place; `info` goes into it as best.json."""
+    to a temp folder and renamed into place, over an earlier export only (never a folder dpo_dist
+    did not write); `info` goes into it as best.json. Its marker names the reference it was
+    trained against, so `evaluate` of it can say which one to compare with."""
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
-    if accelerator.is_main_process:
-        tmp = path.with_name(f".tmp-{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # In the dtype the user loaded (a LoRA adapter: fp32, as it trained), whatever DeepSpeed cast it to.
-        dtype = torch.float32 if model_cfg.lora is not None else DTYPES[model_cfg.dtype]
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if model_cfg.lora is None:  # save_pretrained names the live weights' dtype, not the exported one
-            config = copy.deepcopy(unwrapped.config)
-            config.dtype = dtype
-            config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if model_cfg.lora is not None and model_cfg.lora.save_merged:
-            # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.
-            from peft import AutoPeftModelForCausalLM
+    path = Path(path)
 
-            with transformers_zero3_off(accelerator):  # only this rank loads: no ZeRO-3 partitioning
-                merged = AutoPeftModelForCausalLM.from_pretrained(tmp).merge_and_unload()
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "merged")
-        if info is not None:
-            (tmp / BEST_FILE).write_text(json.dumps(info))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    accelerator.wait_for_everyone()
+    def write() -> None:
+        tmp = ownership.fresh_folder(path.with_name(f".tmp-{path.name}"), EXPORT_KIND,
+                                     reference=_trained_against(model_cfg))
+        try:
+            _write_hf_folder(accelerator, model, tokenizer, tmp, model_cfg, state_dict, info)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunStopped(f"cannot write the model to {path} ({err.strerror or err}); removed the partial folder; "
+                             "checkpoints/latest is kept: make room and rerun with resume=auto, or "
+                             "`dpo-dist export` it") from None
+        ownership.replace_folder(tmp, path, EXPORT_KIND)
+
+    collectives.on_main_broadcast(accelerator, write)  # on the main process; every rank learns how it went
+
+
+def _write_hf_folder(accelerator, model, tokenizer, tmp: Path, model_cfg: ModelConfig, state_dict: dict,
+                     info: dict | None) -> None:
+    # In the dtype the user loaded (a LoRA adapter: fp32, as it trained), whatever DeepSpeed cast it to.
+    dtype = torch.float32 if model_cfg.lora is not None else DTYPES[model_cfg.dtype]
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if model_cfg.lora is None:  # save_pretrained names the live weights' dtype, not the exported one
+        config = copy.deepcopy(unwrapped.config)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if model_cfg.lora is not None and model_cfg.lora.save_merged:
+        # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.
+        from peft import AutoPeftModelForCausalLM
+
+        with transformers_zero3_off(accelerator):  # only this rank loads: no ZeRO-3 partitioning
+            merged = AutoPeftModelForCausalLM.from_pretrained(tmp).merge_and_unload()
+        merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "merged")
+    if info is not None:
+        (tmp / BEST_FILE).write_text(json.dumps(info))
+
+
+def _trained_against(model_cfg: ModelConfig) -> str:
+    """The reference of a run as the config names it (a local folder made absolute)."""
+    name = model_cfg.reference or model_cfg.policy
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def claim_root(accelerator, output_dir: Path) -> None:
+    """Marks OUTPUT_DIR/checkpoints as dpo_dist's (refusing one that holds anything else) before
+    the run writes or prunes checkpoints in it."""
+    collectives.on_main_broadcast(accelerator, lambda: ownership.claim(_root(output_dir), "checkpoints",
+                                                                       "output_dir (its checkpoints/)"))
 
 
 def best_so_far(output_dir: Path) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -91,6 +92,13 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
 class MetricsLogger:
     """Appends JSON lines to OUTPUT_DIR/metrics.jsonl (main process) and sends the same scalars to
     the experiment trackers of `train.report_to` through accelerate (TensorBoard events under
@@ -113,6 +121,18 @@ class MetricsLogger:
                 init_kwargs={"wandb": {"name": run_name, "dir": str(cfg.output_dir)}, "mlflow": {"run_name": run_name},
                              "comet_ml": {"name": run_name}, "aim": {"run_name": run_name}},
             )
+
+    def forget_after(self, step: int) -> None:
+        """Drops the lines of steps after `step` (a resumed run logs them again), so no step is
+        in metrics.jsonl twice."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpo_dist import distributed, fingerprint
+from dpo_dist import collectives, distributed, fingerprint
 from dpo_dist.config import Config, LossConfig
 from dpo_dist.data import PreferenceData
 from dpo_dist.data.batching import MicroBatch, StepPlan, collate, eval_batches, rank_share
-from dpo_dist.errors import Preempted, RunStopped
+from dpo_dist.errors import Preempted, RunStopped, set_stage
 from dpo_dist.model.logprobs import SequenceScores, sequence_logps
-from dpo_dist.reference.cache import RefLogps, run_fingerprint
+from dpo_dist.model.loading import policy_path
+from dpo_dist.reference.cache import RefLogps, model_digests, run_fingerprint
 from dpo_dist.reference.precompute import prepare_reference
 from dpo_dist.session import setup_run
 from dpo_dist.training import checkpoint, reshard
@@ -63,15 +64,17 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
     return {f"eval/{k}": v for k, v in values.items() if k != "tokens"}
 
 
-def run_identity(cfg: Config, parts: dict[str, str], global_batch: int) -> dict:
-    """What a step count means: the data order (seed, global batch, the training pairs) and the
-    reference the rewards are measured against. A checkpoint records it; resuming compares."""
+def run_identity(cfg: Config, parts: dict[str, str], global_batch: int, policy: str) -> dict:
+    """What a step count means: the data order (seed, global batch, the training pairs), the
+    reference the rewards are measured against and the policy's starting weights (`policy`: their
+    digest), which the checkpoint's shards continue. A checkpoint records it; resuming compares."""
     data = {key: parts[key] for key in ("train data files", "tokenizer")}
     data["settings"] = json.dumps({"max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
                                    "columns": cfg.data.columns, "template": cfg.data.chat_template_kwargs},
                                   sort_keys=True)
     return {"train.seed": cfg.train.seed, "global batch": global_batch, "train data": fingerprint.combined(data),
-            "reference": fingerprint.combined({key: parts[key] for key in ("reference weights", "reference config")})}
+            "reference": fingerprint.combined({key: parts[key] for key in ("reference weights", "reference config")}),
+            "model.policy": policy}
 
 
 def _rows_of(out: LossOutput, rows: torch.Tensor) -> LossOutput:
@@ -97,8 +100,11 @@ class Trainer:
             cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * self.plan.steps_per_epoch
         )
         self.layout = distributed.layout(cfg, acc)
+        checkpoint.claim_root(acc, self.output_dir)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.output_dir, say=acc.print)
-        self.run_identity = run_identity(cfg, parts, self.global_batch)
+        policy = collectives.on_main_broadcast(
+            acc, lambda: fingerprint.combined(dict(zip(("weights", "config"), model_digests(policy_path(cfg.model))))))
+        self.run_identity = run_identity(cfg, parts, self.global_batch, policy)
         if resume_from is not None:
             checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes)
             if checkpoint.layout_change(resume_from, self.layout) and self.layout["deepspeed"]:
@@ -112,6 +118,7 @@ class Trainer:
         if resume_from is not None:
             self.step = checkpoint.load(acc, resume_from, self.layout, self.model, self.optimizer, self.scheduler)
             self.best = checkpoint.best_so_far(self.output_dir)
+            self.logger.forget_after(self.step)  # lines of steps after the checkpoint are logged anew
             acc.print(f"resumed from {resume_from} at step {self.step}")
         cut = "" if self.topology.sequence is None else f", each sequence cut across {self.topology.sequence.size}"
         acc.print(
@@ -169,8 +176,7 @@ class Trainer:
         self.nonfinite_skipped += 1
         pairs = sorted(int(self.splits["train"].pairs[p].index) for p in positions)
         where = f"non-finite loss or gradient norm at step {self.step + 1} (training pairs {pairs})"
-        previous = checkpoint.latest(self.output_dir, say=lambda _: None)
-        kept = f"checkpoints/latest is {previous.name}" if previous else "no checkpoint was written yet"
+        kept = self.kept()
         if cfg.on_nonfinite == "stop":
             raise RunStopped(f"{where}; stopped without an optimizer step or a save ({kept}); "
                              "train.on_nonfinite=skip skips such steps")
@@ -277,6 +283,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not acc.is_local_main_process)
         window_start = time.perf_counter()
+        set_stage("training", self.kept)
         try:
             while self.step < self.total_steps:
                 _, positions = self.plan.step_positions(self.step)
@@ -323,12 +330,20 @@ class Trainer:
                     raise Preempted(f"preempted: checkpoint of step {self.step} saved; resume=auto continues")
         finally:
             bar.close()  # before any error line, which would otherwise follow the bar
+        set_stage("the export of final/", self.kept)
         checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg.model)
         acc.print(f"final model written to {self.output_dir / 'final'}")
         best = self.best
         if best is not None:
             acc.print(f"best model ({best['metric']} {best['value']:.4f} at step {best['step']}) in "
                       f"{self.output_dir / 'best'}")
+
+    def kept(self) -> str:
+        """What an interruption leaves of this run, and how to go on."""
+        previous = checkpoint.latest(self.output_dir, say=lambda _: None)
+        if previous is None:
+            return "no checkpoint yet (train.save_every); a rerun starts over"
+        return f"checkpoints/latest is {previous.name}; rerun with resume=auto to continue from it"
 
     def close(self) -> None:
         self.accelerator.end_training()

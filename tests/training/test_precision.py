@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import (REPO, accelerate, kill_group, latest_step, launch_background, probe_launch, run_cli,
                       text_rows, wait_for, write_jsonl)
 from dpo_dist.config import load_config
+from dpo_dist.distributed import check_attention_precision
 from dpo_dist.errors import UserError
 from dpo_dist.precision import MasterWeightAdamW, check_deepspeed_precision
 
@@ -178,9 +179,12 @@ def test_precision_disagreements_are_refused(tiny, data, tmp_path):
     base = [f"output_dir={tmp_path / 'out'}", f"model.policy={tiny['policy']}", f"data.train={data}"]
     for extra, message in (
         ([f"distributed.deepspeed={json_path}", "train.mixed_precision=fp32"], "sets bf16.enabled=true"),
-        (["model.attn_implementation=flash_attention_2", "train.mixed_precision=fp32"], "runs in bf16 / fp16 only"),
         (["train.mixed_precision=fp16"], "needs a CUDA GPU"),
     ):
         result = run_cli("train", *base, *extra)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+    flash = load_config(None, ["train.mixed_precision=fp32"])
+    flash.model.attn_implementation = "flash_attention_2"  # (a config with it is refused where flash_attn is missing)
+    with pytest.raises(UserError, match="runs in bf16 / fp16 only"):
+        check_attention_precision(flash, "fp32", deepspeed=False)

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import (accelerate, dialogue_rows, kill_group, latest_step, launch_background, one_line_error, run_cli,
                       wait_for, write_jsonl)
+from dpo_dist.errors import UserError
+from dpo_dist.model.ulysses import check_supported
 
 pytestmark = pytest.mark.slow
 ports = iter(range(29761, 29780))
@@ -93,10 +95,14 @@ def test_sequence_parallel_resumes_exactly_after_sigkill(cut_run, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     ([], "distributed.sequence_parallel=2 does not divide the 1 processes"),
-    (["model.attn_implementation=flash_attention_2"], "with model.attn_implementation=flash_attention_2: not supported"),
     (["loss.type=aot"], "loss.type=aot looks across the step's pairs"),
-], ids=["processes", "flash", "coupled loss"])
+], ids=["processes", "coupled loss"])
 def test_unsupported_combinations_are_refused_in_one_line(base, tmp_path, extra, message):
     root, args = base
     result = run_cli("train", f"output_dir={tmp_path / 'a'}", *args, *CUT, f"ref_cache.dir={root / 'cache'}", *extra)
     one_line_error(result, message)
+
+
+def test_flash_kernels_are_refused_under_sequence_parallelism():
+    with pytest.raises(UserError, match="with model.attn_implementation=flash_attention_2: not supported"):
+        check_supported("flash_attention_2", 2)

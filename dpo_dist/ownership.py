@@ -1,0 +1,145 @@
+"""What dpo_dist may delete or replace: only what it wrote itself.
+
+Every folder the project creates carries a marker file, `.dpo_dist.json`, naming what it is (a run's
+output folder, a reference cache, a token cache, the checkpoints, an exported model). Before a folder
+is written into, `claim` checks it is either new, empty, or already marked as that kind; a cache
+folder holding files a cache never writes is refused, naming them. A rebuild (`remove_own`)
+deletes only the files a cache of that kind writes, after checking there is nothing else there; a
+folder replaced whole (`replace_folder`: an exported model) must carry the marker. So a
+`ref_cache.dir` pointed at a shared `runs/` folder with `ref_cache.overwrite=true` deletes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dpo_dist.errors import UserError
+
+MARKER = ".dpo_dist.json"
+_TMP = r"\..+\.tmp\d+"  # a file being written: `.NAME.tmpPID`, renamed into place when whole
+
+# The files each kind of folder holds when dpo_dist alone wrote it (paths relative to the folder).
+OWN_FILES = {
+    "reference cache": re.compile(rf"(manifest\.json|[\w.-]+-\d{{5}}\.safetensors|{_TMP})"),
+    "token cache": re.compile(
+        rf"(train|eval)(/(manifest\.json|part-\d{{6}}\.(index|offsets|starts|ids)\.npy|part-\d{{6}}\.json|{_TMP}))?"),
+    "checkpoints": re.compile(r"(latest|\.latest\.tmp|(\.tmp-)?step-\d{6})(/.*)?"),
+}
+
+
+def marker(folder: Path) -> dict:
+    """What `folder`'s marker says ({} when it has none, or an unreadable one)."""
+    try:
+        found = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def marker_kind(folder: Path) -> str | None:
+    """The kind `folder`'s marker names; None when it has none."""
+    return marker(folder).get("kind")
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder under `folder`, relative, the marker left out."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER)
+
+
+def foreign_entries(folder: Path, kind: str) -> list[str]:
+    """What in `folder` a `kind` folder would not hold (its top-level names, for the message)."""
+    own = OWN_FILES[kind]
+    foreign = {entry.split("/")[0] for entry in _entries(folder) if not own.fullmatch(entry)}
+    return sorted(foreign)
+
+
+def _mark(folder: Path, kind: str, **details: str) -> None:
+    tmp = folder / f".{MARKER}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"kind": kind, "written_by": "dpo_dist", **details}) + "\n")
+    os.replace(tmp, folder / MARKER)
+
+
+def claim(folder: Path, kind: str, key: str) -> Path:
+    """Makes `folder` (config key `key`) a `kind` folder of dpo_dist's, or refuses in one line: a
+    file, another kind's folder, or (for the kinds in OWN_FILES) a folder holding anything else."""
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{key}={folder} is a file, not a folder; choose a folder for it")
+        marked = marker_kind(folder) if folder.is_dir() else None
+        if marked is not None and marked != kind:
+            raise UserError(f"{key}={folder} is a dpo_dist {marked} folder, not a {kind} folder; "
+                            "give each its own folder")
+        if marked is None:
+            if folder.is_dir() and kind in OWN_FILES:
+                foreign = foreign_entries(folder, kind)
+                if foreign:
+                    raise UserError(f"{key}={folder} holds files a {kind} does not write ({_listing(foreign)}); "
+                                    f"a {kind} needs a folder of its own: point {key} at a new or empty folder")
+            folder.mkdir(parents=True, exist_ok=True)
+            _mark(folder, kind)
+    except PermissionError as err:
+        raise UserError(f"{key}={folder}: cannot write there ({err.strerror}); choose a writable folder") from None
+    return folder
+
+
+def remove_own(folder: Path, kind: str, key: str, below: str | None = None) -> None:
+    """Deletes the files a `kind` folder writes (only those under `below`, a sub-folder, if given),
+    after checking `folder` is marked as that kind and holds nothing else; else refuses, deleting
+    nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if marker_kind(folder) != kind:
+        raise UserError(f"{key}={folder} was not written by dpo_dist as a {kind} (no {MARKER} marker); "
+                        "refusing to delete anything in it; point it at a folder of its own")
+    foreign = foreign_entries(folder, kind)
+    if foreign:
+        raise UserError(f"{key}={folder} holds files a {kind} does not write ({_listing(foreign)}); "
+                        "refusing to delete anything in it")
+    target = folder / below if below else folder
+    for path in sorted(target.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.name == MARKER and path.parent == folder:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
+    if below and target.is_dir():
+        target.rmdir()
+
+
+def fresh_folder(tmp: Path, kind: str, **details: str) -> Path:
+    """An empty temp folder `tmp` to write a `kind` into, marked (with `details`); a leftover of an
+    earlier try is removed only if dpo_dist marked it."""
+    tmp = Path(tmp)
+    if tmp.exists():
+        if marker_kind(tmp) != kind:
+            raise UserError(f"{tmp} exists and was not written by dpo_dist; refusing to write over it")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    _mark(tmp, kind, **details)
+    return tmp
+
+
+def replace_folder(tmp: Path, path: Path, kind: str) -> None:
+    """Moves the whole folder `tmp` (a `fresh_folder`, now written) to `path`, replacing what is
+    there only if dpo_dist wrote it as that kind (or it is an empty folder)."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is a file; refusing to replace it with a folder")
+        if marker_kind(path) != kind and any(path.iterdir()):
+            raise UserError(f"{path} exists and was not written by dpo_dist (no {MARKER} marker naming a {kind}); "
+                            "refusing to replace it: choose a new folder, or move it away yourself")
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _listing(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
