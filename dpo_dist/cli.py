@@ -105,7 +105,7 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     name = f"dpo-dist {args.command}"
-    signal.signal(signal.SIGTERM, _terminate)  # the training loop turns it into a checkpoint instead
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)  # training turns it into a checkpoint instead
     try:
         run(args)
     except UserError as err:
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         run_lock.release_all()
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 # Where the fault is the machine's (a full disk, a read-only folder), not the code's.

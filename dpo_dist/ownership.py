@@ -63,27 +63,33 @@ def _mark(folder: Path, kind: str, **details: str) -> None:
     os.replace(tmp, folder / MARKER)
 
 
-def claim(folder: Path, kind: str, key: str) -> Path:
-    """Makes `folder` (config key `key`) a `kind` folder of dpo_dist's, or refuses in one line: a
-    file, another kind's folder, or (for the kinds in OWN_FILES) a folder holding anything else."""
+def check_claim(folder: Path, kind: str, key: str) -> None:
+    """Refuses in one line, writing nothing, a `folder` (config key `key`) that dpo_dist may not use
+    as a `kind`: a file, another kind's folder, or (for the kinds in OWN_FILES) a folder holding
+    anything else. Run before any work, so a refused run leaves nothing behind."""
     folder = Path(folder)
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{key}={folder} is a file, not a folder; choose a folder for it")
-        marked = marker_kind(folder) if folder.is_dir() else None
-        if marked is not None and marked != kind:
-            raise UserError(f"{key}={folder} is a dpo_dist {marked} folder, not a {kind} folder; "
-                            "give each its own folder")
-        if marked is None:
-            if folder.is_dir() and kind in OWN_FILES:
-                foreign = foreign_entries(folder, kind)
-                if foreign:
-                    raise UserError(f"{key}={folder} holds files a {kind} does not write ({_listing(foreign)}); "
-                                    f"a {kind} needs a folder of its own: point {key} at a new or empty folder")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{key}={folder} is a file, not a folder; choose a folder for it")
+    marked = marker_kind(folder) if folder.is_dir() else None
+    if marked is not None and marked != kind:
+        raise UserError(f"{key}={folder} is a dpo_dist {marked} folder, not a {kind} folder; give each its own folder")
+    if marked is None and folder.is_dir() and kind in OWN_FILES:
+        foreign = foreign_entries(folder, kind)
+        if foreign:
+            raise UserError(f"{key}={folder} holds files a {kind} does not write ({_listing(foreign)}); "
+                            f"a {kind} needs a folder of its own: point {key} at a new or empty folder")
+
+
+def claim(folder: Path, kind: str, key: str) -> Path:
+    """Makes `folder` a `kind` folder of dpo_dist's (created and marked), or refuses (`check_claim`)."""
+    folder = Path(folder)
+    check_claim(folder, kind, key)
+    if marker_kind(folder) is None:
+        try:
             folder.mkdir(parents=True, exist_ok=True)
             _mark(folder, kind)
-    except PermissionError as err:
-        raise UserError(f"{key}={folder}: cannot write there ({err.strerror}); choose a writable folder") from None
+        except PermissionError as err:
+            raise UserError(f"{key}={folder}: cannot write there ({err.strerror}); choose a writable folder") from None
     return folder
 
 
@@ -126,16 +132,25 @@ def fresh_folder(tmp: Path, kind: str, **details: str) -> Path:
     return tmp
 
 
+def check_replaceable(path: Path, kind: str) -> None:
+    """Refuses, before anything is written, to replace `path` unless dpo_dist wrote it as `kind`
+    (or it is absent or an empty folder)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} is a file; refusing to replace it with a folder")
+    if marker_kind(path) != kind and any(path.iterdir()):
+        raise UserError(f"{path} exists and was not written by dpo_dist (no {MARKER} marker naming a {kind}); "
+                        "refusing to replace it: choose a new folder, or move it away yourself")
+
+
 def replace_folder(tmp: Path, path: Path, kind: str) -> None:
     """Moves the whole folder `tmp` (a `fresh_folder`, now written) to `path`, replacing what is
-    there only if dpo_dist wrote it as that kind (or it is an empty folder)."""
+    there only if dpo_dist wrote it as that kind (`check_replaceable`)."""
     path = Path(path)
+    check_replaceable(path, kind)
     if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{path} is a file; refusing to replace it with a folder")
-        if marker_kind(path) != kind and any(path.iterdir()):
-            raise UserError(f"{path} exists and was not written by dpo_dist (no {MARKER} marker naming a {kind}); "
-                            "refusing to replace it: choose a new folder, or move it away yourself")
         shutil.rmtree(path)
     os.replace(tmp, path)
 

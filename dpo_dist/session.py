@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo_dist import collectives, distributed, host_memory, ownership, run_lock
+from dpo_dist import collectives, distributed, fingerprint, host_memory, ownership, run_lock
 from dpo_dist.config import Config, save_config, written_by_us
 from dpo_dist.errors import UserError
 from dpo_dist.data import PreferenceData, prepare_split
@@ -33,6 +33,10 @@ def take_output_dir(cfg: Config) -> None:
     the resolved config there, never over a config.yaml that dpo-dist did not write."""
     out = Path(cfg.output_dir)
     ownership.claim(out, "run", "output_dir")
+    if cfg.ref_cache.enabled:  # the caches' folders are checked now, before any work writes them
+        ownership.check_claim(cfg.ref_cache_dir, "reference cache", "ref_cache.dir")
+        fingerprint.read_manifest(cfg.ref_cache_dir, "ref cache")  # a corrupt one is refused before tokenizing
+    ownership.check_claim(cfg.token_cache_dir, "token cache", "data.cache_dir")
     run_lock.acquire(out)
     resolved = out / "config.yaml"
     if resolved.exists() and not written_by_us(resolved):

@@ -52,7 +52,7 @@ def token_settings(sources: list[Source], data: DataConfig, what: str) -> TokenS
     where, row = first
     if not isinstance(row, dict):
         raise UserError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    absent = {ours: theirs for ours, theirs in data.columns.items() if theirs not in row and ours not in row}
+    absent = {ours: theirs for ours, theirs in data.columns.items() if theirs not in row}
     if absent:
         ours, theirs = next(iter(absent.items()))
         raise UserError(f"data.columns maps {ours} to '{theirs}', but {where} has no field '{theirs}' (its fields: "

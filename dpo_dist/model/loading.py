@@ -60,7 +60,7 @@ def check_model_folder(folder: Path, key: str) -> None:
         missing = sorted(shard for shard in shards if not (folder / shard).is_file())
         if missing:
             raise UserError(f"{key}: {folder} lacks {len(missing)} weight file(s) its index names ({', '.join(missing[:3])})")
-    if not weights and not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+    if not weights and not any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):
         if (folder / "adapter_config.json").is_file():
             raise UserError(f"{key}={folder} is a LoRA adapter, not a whole model; name its base model (or export "
                             "with model.lora.save_merged=true and use final/merged)")

@@ -89,16 +89,15 @@ def _reference_pass(cfg: Config, accelerator, splits: dict[str, PreferenceData],
     set_stage("the reference pass", lambda: f"the complete shards of the reference cache {cfg.ref_cache_dir}; rerun "
               "the same command to continue from them")
     model = engine.load_reference(cfg, accelerator)
-    bar = tqdm(total=sum(s[3] for s in shards), desc="reference pass", unit="pair",
-               disable=not accelerator.is_local_main_process)
     device, shard = accelerator.device, topology.shard
     with accelerator.autocast():  # the run's precision (DeepSpeed runs cast the weights instead)
-        for split, k, start, count in shards:
-            tensors = score_shard(model, splits[split], start, count, cfg, pad_id, device, shard)
-            if topology.counts:
-                write_shard(cfg.ref_cache_dir / shard_name(split, k), tensors)
-            bar.update(count)
-        bar.close()
+        with tqdm(total=sum(s[3] for s in shards), desc="reference pass", unit="pair",
+                  disable=not accelerator.is_local_main_process) as bar:  # closed before any error line
+            for split, k, start, count in shards:
+                tensors = score_shard(model, splits[split], start, count, cfg, pad_id, device, shard)
+                if topology.counts:
+                    write_shard(cfg.ref_cache_dir / shard_name(split, k), tensors)
+                bar.update(count)
         any_split = next(iter(splits.values()))
         for _ in range(fillers):  # as many collective forwards as the busiest rank; results unused
             score_shard(model, any_split, 0, 1, cfg, pad_id, device, shard)

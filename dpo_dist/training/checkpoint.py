@@ -187,6 +187,7 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
     path = Path(path)
 
     def write() -> None:
+        ownership.check_replaceable(path, EXPORT_KIND)
         tmp = ownership.fresh_folder(path.with_name(f".tmp-{path.name}"), EXPORT_KIND,
                                      reference=_trained_against(model_cfg))
         try:
