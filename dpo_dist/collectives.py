@@ -13,18 +13,25 @@ from dpo_dist.errors import UserError
 
 def on_main_broadcast(accelerator, compute):
     """`compute()` on the main process only, its result sent to every rank: expensive work (hashing
-    gigabytes) done once, not once per rank. A UserError there is raised on every rank."""
-    result, error = None, None
+    gigabytes) done once, not once per rank. A UserError there is raised on every rank; any other
+    error keeps its type on the main process and stops the others with a line saying so (none is
+    left waiting for a broadcast that never comes)."""
+    result, error, failure = None, None, None
     if accelerator.is_main_process:
         try:
             result = compute()
         except UserError as err:
             error = str(err)
+        except Exception as err:  # re-raised below, after the other ranks have heard of it
+            failure = err
+            error = f"stopped: the main process failed ({type(err).__name__}: {err})"
     if accelerator.num_processes > 1:
         # torch's own: accelerate's wrapper skips the broadcast for some CPU setups (MULTI_GPU yaml, gloo).
         box = [result, error]
         torch.distributed.broadcast_object_list(box, src=0)
         result, error = box
+    if failure is not None:
+        raise failure
     if error is not None:
         raise UserError(error)
     return result
