@@ -21,6 +21,9 @@ def load_run_config(path: Path | None, overrides: list[str]) -> Config:
     cfg = load_config(path, overrides)
     check_loss_config(cfg.loss)
     check_save_best(cfg.train.save_best)
+    if cfg.train.save_best is not None and not cfg.data.eval:
+        raise UserError(f"config: train.save_best={cfg.train.save_best} needs data.eval (an eval metric decides "
+                        "what is best); set data.eval or train.save_best=null")
     if cfg.distributed.sequence_parallel > 1 and couples_pairs(cfg.loss):
         raise UserError(f"loss.type={cfg.loss.type} looks across the step's pairs; with "
                         "distributed.sequence_parallel > 1 it is not supported yet")

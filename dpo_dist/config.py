@@ -293,6 +293,9 @@ class Config:
                 close = difflib.get_close_matches(name, trackers, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f" ({', '.join(trackers)} or none)"
                 raise UserError(f"config: train.report_to: unknown tracker {name!r}{hint}")
+        if self.ref_cache.enabled and self.ref_cache_dir.resolve() == self.token_cache_dir.resolve():
+            raise UserError(f"config: ref_cache.dir and data.cache_dir are one folder ({self.ref_cache_dir}); each "
+                            "cache needs its own")
         if self.model.reference is not None and not self.model.reference.strip():
             raise UserError("config: model.reference='' names no model; leave it null to use the policy's start")
 
@@ -442,6 +445,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             loaded = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise UserError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"config file {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):

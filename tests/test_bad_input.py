@@ -229,6 +229,12 @@ CASES = [
          ("the top level must be a mapping",)),
     Case("config", "config file missing", lambda w: [*w.args("precompute"), "--config", str(w.root / "nope.yaml")],
          ("config file not found",)),
+    Case("config", "config file is a folder", lambda w: [*w.args("precompute"), "--config", str(w.root)],
+         ("config file", "cannot read it")),
+    config_row("train.save_best=eval/loss", phrases=("train.save_best=eval/loss needs data.eval",)),
+    Case("config", "both caches in one folder", lambda w: w.args("precompute", f"ref_cache.dir={w.root / 'c'}",
+                                                                 f"data.cache_dir={w.root / 'c'}"),
+         ("ref_cache.dir and data.cache_dir are one folder",)),
     Case("config", "override without =", lambda w: [*w.args("precompute"), "train.lr"], ("not of the form",)),
 
     # --- model folders, tokenizers and vocabularies, before the long work ---
@@ -253,6 +259,10 @@ CASES = [
          ("is a LoRA adapter, not a whole model",)),
     Case("model", "no tokenizer files", lambda w: w.args("precompute", policy=model_with(
         w, lambda f: [p.unlink() for p in f.glob("*token*")])), ("has no tokenizer files",)),
+    Case("model", "tokenizer without an eos token", lambda w: w.args("precompute", policy=model_with(
+        w, lambda f: _drop_eos(f))), ("has no eos_token",)),
+    Case("data", "a broken save_to_disk folder", lambda w: w.args("precompute", data=_broken_saved_dataset(w)),
+         ("is not a readable `datasets.save_to_disk` folder",)),
     Case("model", "reference with another vocabulary",
          lambda w: w.args("precompute", f"model.reference={other_vocabulary(w)}"),
          ("model.reference=", "another vocabulary")),
@@ -371,6 +381,19 @@ CASES = [
          inject=lambda mp: mp.setattr("dpo_dist.reference.cache.save_file", raising(
              OSError(errno.EROFS, "Read-only file system", "shard.safetensors")))),
 ]
+
+
+def _drop_eos(folder: Path) -> None:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _broken_saved_dataset(w: World) -> Path:
+    folder = w.root / "saved"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
 
 
 def _user_config(path: Path) -> Path:

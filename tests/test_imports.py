@@ -13,7 +13,7 @@ PACKAGE = REPO / "dpo_dist"
 LAYERS = {
     "dpo_dist.errors": 0,
     "dpo_dist.config": 1, "dpo_dist.fingerprint": 1, "dpo_dist.collectives": 1, "dpo_dist.tiny": 1,
-    "dpo_dist.host_memory": 1,
+    "dpo_dist.host_memory": 1, "dpo_dist.ownership": 1, "dpo_dist.run_lock": 1,
     "dpo_dist.precision": 2,
     "dpo_dist.data": 3,
     "dpo_dist.model": 4,

@@ -156,7 +156,11 @@ def _saved_dataset(folder: Path, split: str | None, what: str) -> TableSource:
     """A `datasets.save_to_disk` folder: a Dataset, or a DatasetDict (then `split` picks one)."""
     from datasets import DatasetDict, load_from_disk
 
-    dataset = load_from_disk(str(folder))
+    try:
+        dataset = load_from_disk(str(folder))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{what}: {folder} is not a readable `datasets.save_to_disk` folder ({type(err).__name__}: "
+                        f"{err})") from None
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
             raise UserError(f"{what}: {folder} holds splits {', '.join(dataset)}; choose one with "

@@ -128,6 +128,9 @@ def load_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"model.policy={folder}: its tokenizer does not load ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"model.policy={folder}: its tokenizer has no eos_token (responses end with it); set "
+                        "tokenizer.eos_token and save the tokenizer again")
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
