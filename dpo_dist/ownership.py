@@ -11,6 +11,7 @@ folder replaced whole (`replace_folder`: an exported model) must carry the marke
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -88,7 +89,9 @@ def claim(folder: Path, kind: str, key: str) -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _mark(folder, kind)
-        except PermissionError as err:
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+                raise
             raise UserError(f"{key}={folder}: cannot write there ({err.strerror}); choose a writable folder") from None
     return folder
 

@@ -175,3 +175,22 @@ def test_run_lock_goes_to_a_requeue_of_the_same_slurm_job(tmp_path, monkeypatch)
         holder.kill()
         holder.wait()
         run_lock.release_all()
+
+
+def test_a_read_only_output_dir_gets_one_line(tiny, tmp_path):
+    """A read-only file system (a tmpfs mounted read-only here as root) under output_dir."""
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the read-only case needs root")
+    try:
+        data = write_jsonl(tmp_path / "t.jsonl", text_rows(4))
+        result = run_cli("precompute", f"output_dir={disk / 'run'}", f"model.policy={tiny['policy']}",
+                         f"data.train={data}")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"output_dir={disk / 'run'}: cannot write there (Read-only file system)" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
