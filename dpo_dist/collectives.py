@@ -22,7 +22,7 @@ def on_main_broadcast(accelerator, compute):
             result = compute()
         except UserError as err:
             error = str(err)
-        except Exception as err:  # re-raised below, after the other ranks have heard of it
+        except BaseException as err:  # (Ctrl-C too) re-raised below, after the other ranks have heard of it
             failure = err
             error = f"stopped: the main process failed ({type(err).__name__}: {err})"
     if accelerator.num_processes > 1:

@@ -66,7 +66,8 @@ def check_not_against_itself(cfg: Config) -> None:
 
     if cfg.model.reference or cfg.model.lora is not None:
         return
-    marker = ownership.marker(loading.policy_path(cfg.model))
+    folder = loading.policy_path(cfg.model)
+    marker = ownership.marker(folder) or ownership.marker(folder.parent)  # final/ or final/merged
     if marker.get("kind") == "model export":
         raise UserError(f"model.policy={cfg.model.policy} is a model dpo-dist trained, and model.reference is not set, "
                         "so the reference would be the model itself and every reward 0; set model.reference to the "

@@ -474,12 +474,17 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def written_by_us(path: str | Path) -> bool:
-    """Whether `path` is a resolved config `save_config` wrote (so a run may replace it)."""
+    """Whether `path` is a resolved config `save_config` wrote (so a run may replace it): it starts
+    with RESOLVED_HEADER, or (written before the header existed) it is a whole resolved dump, every
+    section of the config at the top level and nothing else, with no comment of a user's."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline() == RESOLVED_HEADER
-    except (OSError, UnicodeDecodeError):
+        text = Path(path).read_text(encoding="utf-8")
+        if text.startswith(RESOLVED_HEADER):
+            return True
+        tree = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
+    return "#" not in text and isinstance(tree, dict) and list(tree) == [f.name for f in dataclasses.fields(Config)]
 
 
 def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -121,9 +121,12 @@ def read_manifest(folder: Path, what: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{what} {path} is corrupt ({err.msg}); delete it or rebuild") from None
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise UserError(f"{what} {path} is corrupt ({getattr(err, 'msg', None) or err}); rebuild it") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{what} {path} is corrupt (not a JSON object); rebuild it")
+    return manifest
 
 
 def changed_parts(manifest: dict, parts: dict[str, str]) -> list[str]:

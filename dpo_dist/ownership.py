@@ -25,10 +25,16 @@ _TMP = r"\..+\.tmp\d+"  # a file being written: `.NAME.tmpPID`, renamed into pla
 
 # The files each kind of folder holds when dpo_dist alone wrote it (paths relative to the folder).
 OWN_FILES = {
-    "reference cache": re.compile(rf"(manifest\.json|[\w.-]+-\d{{5}}\.safetensors|{_TMP})"),
+    "reference cache": re.compile(rf"(manifest\.json|(train|eval)-\d{{5}}\.safetensors|{_TMP})"),
     "token cache": re.compile(
         rf"(train|eval)(/(manifest\.json|part-\d{{6}}\.(index|offsets|starts|ids)\.npy|part-\d{{6}}\.json|{_TMP}))?"),
     "checkpoints": re.compile(r"(latest|\.latest\.tmp|(\.tmp-)?step-\d{6})(/.*)?"),
+    # What `save_pretrained` of a model, its tokenizer and a LoRA adapter write (an export made
+    # before exports were marked is recognised by these alone).
+    "model export": re.compile(r"(merged/)?(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
+                               r"model\.safetensors\.index\.json|tokenizer[\w.]*|special_tokens_map\.json|vocab\.json|"
+                               r"merges\.txt|chat_template\.jinja|adapter_config\.json|adapter_model\.safetensors|"
+                               r"README\.md|best\.json|merged)"),
 }
 
 
@@ -46,15 +52,13 @@ def marker_kind(folder: Path) -> str | None:
     return marker(folder).get("kind")
 
 
-def _entries(folder: Path) -> list[str]:
-    """Every file and folder under `folder`, relative, the marker left out."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER)
-
-
 def foreign_entries(folder: Path, kind: str) -> list[str]:
-    """What in `folder` a `kind` folder would not hold (its top-level names, for the message)."""
+    """What in `folder` a `kind` folder would not hold (its top-level names, for the message): a
+    name it does not write, or a link (dpo_dist writes none; deleting through one would reach
+    another folder)."""
     own = OWN_FILES[kind]
-    foreign = {entry.split("/")[0] for entry in _entries(folder) if not own.fullmatch(entry)}
+    foreign = {str(p.relative_to(folder)).split("/")[0] for p in folder.rglob("*")
+               if p.name != MARKER and (p.is_symlink() or not own.fullmatch(str(p.relative_to(folder))))}
     return sorted(foreign)
 
 
@@ -110,7 +114,7 @@ def remove_own(folder: Path, kind: str, key: str, below: str | None = None) -> N
     if foreign:
         raise UserError(f"{key}={folder} holds files a {kind} does not write ({_listing(foreign)}); "
                         "refusing to delete anything in it")
-    target = folder / below if below else folder
+    target = folder / below if below else folder  # (a link there is foreign: refused above)
     for path in sorted(target.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if path.name == MARKER and path.parent == folder:
             continue
@@ -127,8 +131,7 @@ def fresh_folder(tmp: Path, kind: str, **details: str) -> Path:
     earlier try is removed only if dpo_dist marked it."""
     tmp = Path(tmp)
     if tmp.exists():
-        if marker_kind(tmp) != kind:
-            raise UserError(f"{tmp} exists and was not written by dpo_dist; refusing to write over it")
+        check_replaceable(tmp, kind)
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     _mark(tmp, kind, **details)
@@ -137,13 +140,14 @@ def fresh_folder(tmp: Path, kind: str, **details: str) -> Path:
 
 def check_replaceable(path: Path, kind: str) -> None:
     """Refuses, before anything is written, to replace `path` unless dpo_dist wrote it as `kind`
-    (or it is absent or an empty folder)."""
+    (or it is absent, or holds only what an export of that kind writes: an export of an earlier
+    version, an empty folder)."""
     path = Path(path)
     if not path.exists():
         return
-    if not path.is_dir():
-        raise UserError(f"{path} is a file; refusing to replace it with a folder")
-    if marker_kind(path) != kind and any(path.iterdir()):
+    if not path.is_dir() or path.is_symlink():
+        raise UserError(f"{path} is a file or a link; refusing to replace it with a folder")
+    if marker_kind(path) != kind and (path.is_symlink() or foreign_entries(path, kind)):
         raise UserError(f"{path} exists and was not written by dpo_dist (no {MARKER} marker naming a {kind}); "
                         "refusing to replace it: choose a new folder, or move it away yourself")
 

@@ -4,7 +4,8 @@ The main process takes it (`fcntl.flock`; the kernel releases it on any exit, a 
 included, so a lock left by a dead run is never in the way) and writes who holds it: host, pid,
 Slurm job and start time, for the message a second run gets. Where the file system has no flock,
 the holder's record decides: a live pid on this host holds it, a dead one is stale. A Slurm requeue
-of the same job (same SLURM_JOB_ID) always gets it: its earlier incarnation is gone.
+of the same job (same SLURM_JOB_ID, another SLURM_RESTART_COUNT) always gets it: its earlier
+incarnation is gone, even if a lost node's lock on a network file system has not expired yet.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ _held: dict[str, int] = {}  # lock path -> open descriptor, kept for the life of
 
 def _me() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _earlier_incarnation(holder: dict) -> bool:
+    """Whether `holder` is this Slurm job before its requeue (same job id, an earlier restart
+    count): it is gone, whatever a lost node's file lock still says. Steps of one allocation share
+    the job id but not a restart count, so two runs in one allocation still exclude each other."""
+    me = _me()
+    return bool(holder.get("slurm_job")) and holder.get("slurm_job") == me["slurm_job"] and \
+        holder.get("slurm_restart") != me["slurm_restart"]
 
 
 def _alive(pid: int) -> bool:
@@ -41,8 +51,8 @@ def _alive(pid: int) -> bool:
 def _holds(holder: dict) -> bool:
     """Whether the run `holder` recorded may still be running (for file systems without flock)."""
     me = _me()
-    if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
-        return False  # a requeue of this same job
+    if not holder.get("pid") or _earlier_incarnation(holder):
+        return False  # no record (a fresh lock file, a released one), or this job before its requeue
     if holder.get("host") == me["host"]:
         return holder.get("pid") != me["pid"] and _alive(int(holder.get("pid", 0)))
     return True  # another host: cannot tell, assume it runs
@@ -63,8 +73,7 @@ def acquire(output_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         holder = _read(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EACCES) and not (
-                holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID")):
+        if err.errno in (errno.EWOULDBLOCK, errno.EACCES) and not _earlier_incarnation(holder):
             os.close(fd)
             raise UserError(f"output_dir={output_dir} is in use by another dpo-dist run ({_describe(holder)}); "
                             "wait for it to end, or choose another output_dir") from None
@@ -80,7 +89,9 @@ def acquire(output_dir: Path) -> None:
 def release_all() -> None:
     """Gives every lock this process holds back (the CLI, as a command ends; the kernel would on exit)."""
     while _held:
-        os.close(_held.popitem()[1])
+        fd = _held.popitem()[1]
+        os.ftruncate(fd, 0)  # no record: where flock is missing, the next run sees the folder free
+        os.close(fd)
 
 
 def _read(fd: int) -> dict:

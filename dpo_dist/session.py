@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dpo_dist import collectives, distributed, fingerprint, host_memory, ownership, run_lock
 from dpo_dist.config import Config, save_config, written_by_us
-from dpo_dist.errors import UserError
+from dpo_dist.errors import UserError, set_stage
 from dpo_dist.data import PreferenceData, prepare_split
 from dpo_dist.model import loading
 
@@ -32,11 +32,18 @@ def take_output_dir(cfg: Config) -> None:
     """Claims OUTPUT_DIR for this run (marked as dpo_dist's, locked against a second run) and writes
     the resolved config there, never over a config.yaml that dpo-dist did not write."""
     out = Path(cfg.output_dir)
-    ownership.claim(out, "run", "output_dir")
-    if cfg.ref_cache.enabled:  # the caches' folders are checked now, before any work writes them
-        ownership.check_claim(cfg.ref_cache_dir, "reference cache", "ref_cache.dir")
+    ownership.check_claim(out, "run", "output_dir")
+    caches = [(cfg.token_cache_dir, "token cache", "data.cache_dir")]
+    if cfg.ref_cache.enabled:
+        caches.append((cfg.ref_cache_dir, "reference cache", "ref_cache.dir"))
+    for folder, kind, key in caches:  # checked now, before any work writes them
+        if folder.resolve() == out.resolve():
+            raise UserError(f"{key}={folder} is output_dir itself; a {kind} needs a folder of its own (the default "
+                            "is one inside output_dir)")
+        ownership.check_claim(folder, kind, key)
+    if cfg.ref_cache.enabled and not cfg.ref_cache.overwrite:
         fingerprint.read_manifest(cfg.ref_cache_dir, "ref cache")  # a corrupt one is refused before tokenizing
-    ownership.check_claim(cfg.token_cache_dir, "token cache", "data.cache_dir")
+    ownership.claim(out, "run", "output_dir")
     run_lock.acquire(out)
     resolved = out / "config.yaml"
     if resolved.exists() and not written_by_us(resolved):
@@ -48,6 +55,7 @@ def take_output_dir(cfg: Config) -> None:
 def setup_run(cfg: Config):
     """What every command starts with: the accelerator, the resolved config on disk, the
     tokenizer and the tokenized splits. Returns (accelerator, tokenizer, splits)."""
+    set_stage("start-up", lambda: "nothing yet; rerun the same command")
     accelerator = distributed.build_accelerator(cfg)
     host_memory.keep_freed_memory(accelerator.device)  # on the CPU: each step reuses the last one's memory
     distributed.seed_everything(cfg.train.seed)

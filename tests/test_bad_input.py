@@ -255,7 +255,8 @@ CASES = [
     Case("model", "no weights", lambda w: w.args("precompute", policy=model_with(
         w, lambda f: (f / "model.safetensors").unlink())), ("holds no weight files",)),
     Case("model", "a LoRA adapter as policy", lambda w: w.args("precompute", policy=model_with(
-        w, lambda f: ((f / "model.safetensors").unlink(), (f / "adapter_config.json").write_text("{}")))),
+        w, lambda f: ((f / "model.safetensors").unlink(), (f / "config.json").unlink(),
+                      (f / "adapter_config.json").write_text("{}")))),
          ("is a LoRA adapter, not a whole model",)),
     Case("model", "no tokenizer files", lambda w: w.args("precompute", policy=model_with(
         w, lambda f: [p.unlink() for p in f.glob("*token*")])), ("has no tokenizer files",)),
@@ -324,7 +325,10 @@ CASES = [
     Case("folders", "output_dir is a file", lambda w: [*w.args("precompute"), f"output_dir={w.raw('x', 'out.txt')}"],
          ("output_dir=", "is a file, not a folder")),
     Case("folders", "ref cache in the run folder itself", lambda w: w.args("precompute", f"ref_cache.dir={w.run}"),
-         ("ref_cache.dir=", "is a dpo_dist run folder, not a reference cache folder")),
+         ("ref_cache.dir=", "is output_dir itself", "a folder of its own")),
+    Case("folders", "output_dir is a reference cache", lambda w: [*_cache_of_other_data(w, f"ref_cache.dir={w.root / 'c'}"),
+                                                                 f"output_dir={w.root / 'c'}"],
+         ("output_dir=", "is a dpo_dist reference cache folder, not a run folder")),
     Case("folders", "user config inside output_dir", lambda w: [*w.args("precompute"), "--config", str(
         _user_config(w.run / "config.yaml"))], ("config.yaml was not written by dpo-dist",
                                                 "keep your config outside output_dir")),
@@ -413,10 +417,10 @@ def _fake_checkpoint(w: World) -> Path:
     return folder
 
 
-def _cache_of_other_data(w: World) -> list[str]:
+def _cache_of_other_data(w: World, *extra: str) -> list[str]:
     with _no_exit():
-        cli.main(w.args("precompute", data=w.data(text_rows(6, seed=9), "first.jsonl")))
-    return w.args("precompute")
+        cli.main(w.args("precompute", *extra, data=w.data(text_rows(6, seed=9), "first.jsonl")))
+    return w.args("precompute", *extra)
 
 
 def _corrupt_manifest(w: World) -> Path:

@@ -141,10 +141,10 @@ def test_replace_folder_replaces_only_its_own_kind(tmp_path):
 
 
 def _holder(folder, job=None):
-    """Another process holding `folder`'s run lock (optionally as Slurm job `job`)."""
+    """Another process holding `folder`'s run lock (optionally as Slurm job `job`, first start)."""
     code = ("import os, sys, time\nfrom dpo_dist import run_lock\n"
             f"run_lock.acquire({str(folder)!r})\nprint('held', flush=True)\ntime.sleep(60)\n")
-    env = {**os.environ, **({"SLURM_JOB_ID": job} if job else {})}
+    env = {**os.environ, **({"SLURM_JOB_ID": job, "SLURM_RESTART_COUNT": "0"} if job else {})}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -168,7 +168,11 @@ def test_run_lock_goes_to_a_requeue_of_the_same_slurm_job(tmp_path, monkeypatch)
         monkeypatch.setenv("SLURM_JOB_ID", "777")
         with pytest.raises(UserError, match="Slurm job 4242"):
             run_lock.acquire(tmp_path)
-        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")  # another step of the same allocation: still refused
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+        with pytest.raises(UserError, match="Slurm job 4242"):
+            run_lock.acquire(tmp_path)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job requeued
         run_lock.acquire(tmp_path)
         assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["pid"] == os.getpid()
     finally:
@@ -194,3 +198,25 @@ def test_a_read_only_output_dir_gets_one_line(tiny, tmp_path):
         assert "Traceback" not in result.stderr
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_remove_own_never_follows_a_link(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "part-000000.json").write_text("precious")
+    root = ownership.claim(tmp_path / "tokens", "token cache", "data.cache_dir")
+    (root / "train").symlink_to(theirs)
+    with pytest.raises(UserError, match=r"does not write \(train\)"):
+        ownership.remove_own(root, "token cache", "data.cache_dir", below="train")
+    assert (theirs / "part-000000.json").read_text() == "precious"
+
+
+def test_resolved_configs_of_earlier_versions_are_ours(tmp_path):
+    from dpo_dist.config import config_to_dict, load_config, written_by_us
+    import yaml
+
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump(config_to_dict(load_config(None, [])), sort_keys=False))  # no header
+    assert written_by_us(old)
+    old.write_text("# mine\n" + old.read_text())
+    assert not written_by_us(old)

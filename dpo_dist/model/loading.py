@@ -36,6 +36,9 @@ def resolve_model_dir(name: str, key: str) -> Path:
     if not folder.exists() and HUB_ID.match(name):
         folder = _snapshot(name, key)
     if not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise UserError(f"{key}={name} is a LoRA adapter, not a whole model; name its base model (or export "
+                            "with model.lora.save_merged=true and use final/merged)")
         raise UserError(f"{key}={name}: not a Hugging Face model folder (no config.json there)")
     check_model_folder(folder, key)
     return folder
@@ -61,9 +64,6 @@ def check_model_folder(folder: Path, key: str) -> None:
         if missing:
             raise UserError(f"{key}: {folder} lacks {len(missing)} weight file(s) its index names ({', '.join(missing[:3])})")
     if not weights and not any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):
-        if (folder / "adapter_config.json").is_file():
-            raise UserError(f"{key}={folder} is a LoRA adapter, not a whole model; name its base model (or export "
-                            "with model.lora.save_merged=true and use final/merged)")
         raise UserError(f"{key}={folder} holds no weight files (*.safetensors, *.bin)")
     for path in weights:
         problem = safetensors_damage(path)
@@ -81,7 +81,7 @@ def safetensors_damage(path: Path) -> str | None:
                 return f"{size} bytes, shorter than its header"
             header = json.loads(f.read(length))
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         return f"unreadable header: {err}"
     if 8 + length + end != size:
         return f"{size} bytes where its header describes {8 + length + end}: cut short"
@@ -149,7 +149,10 @@ def check_vocabularies(cfg: ModelConfig, tokenizer) -> None:
     if reference != policy_path(cfg) and any((reference / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        theirs = AutoTokenizer.from_pretrained(reference)
+        try:
+            theirs = AutoTokenizer.from_pretrained(reference)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"model.reference={reference}: its tokenizer does not load ({type(err).__name__})") from None
         if theirs.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"model.reference={reference} has another vocabulary than model.policy's tokenizer "
                             f"({len(theirs)} vs {len(tokenizer)} tokens, or other ids); DPO needs the reference to "

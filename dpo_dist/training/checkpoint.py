@@ -232,6 +232,17 @@ def _trained_against(model_cfg: ModelConfig) -> str:
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
+def check_exports_replaceable(accelerator, output_dir: Path) -> None:
+    """Refuses, before the training, an OUTPUT_DIR/final or best (or a leftover temp folder of one)
+    that the run's exports could not replace."""
+    def check() -> None:
+        for name in ("final", "best"):
+            for path in (Path(output_dir) / name, Path(output_dir) / f".tmp-{name}"):
+                ownership.check_replaceable(path, EXPORT_KIND)
+
+    collectives.on_main_broadcast(accelerator, check)
+
+
 def claim_root(accelerator, output_dir: Path) -> None:
     """Marks OUTPUT_DIR/checkpoints as dpo_dist's (refusing one that holds anything else) before
     the run writes or prunes checkpoints in it."""

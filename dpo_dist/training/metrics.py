@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist import collectives
 from dpo_dist.errors import UserError
 from dpo_dist.training.losses import LossOutput
 
@@ -125,14 +126,17 @@ class MetricsLogger:
     def forget_after(self, step: int) -> None:
         """Drops the lines of steps after `step` (a resumed run logs them again), so no step is
         in metrics.jsonl twice."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-        if len(kept) != len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+        def rewrite() -> None:
+            if not self.path.is_file():
+                return
+            lines = self.path.read_text(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+            if len(kept) != len(lines):
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, self.path)
+
+        collectives.on_main_broadcast(self.accelerator, rewrite)  # a failure there stops every rank
 
     def log(self, step: int, values: dict[str, float]) -> None:
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}

@@ -89,9 +89,6 @@ class Trainer:
         acc = self.accelerator
         self.pad_id = self.tokenizer.pad_token_id
         parts = run_fingerprint(cfg, acc, self.splits, self.tokenizer)
-        self.ref = {k: v.to(acc.device)
-                    for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer, parts).items()}
-
         self.topology = distributed.topology(cfg, acc)  # (commands.load_run_config refused what it cannot run)
         dp = self.topology.data_parallel
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
@@ -109,6 +106,10 @@ class Trainer:
             checkpoint.check_resumable(resume_from, self.run_identity, cfg.train.allow_resume_changes)
             if checkpoint.layout_change(resume_from, self.layout) and self.layout["deepspeed"]:
                 reshard.load_universal_at_prepare(acc)
+        checkpoint.check_exports_replaceable(acc, self.output_dir)  # now, not after the training
+        # After the checks above, which need no reference log-probs: a refusal costs no reference pass.
+        self.ref = {k: v.to(acc.device)
+                    for k, v in prepare_reference(cfg, acc, self.splits, self.tokenizer, parts).items()}
         self.model, self.optimizer, self.scheduler = distributed.prepare_policy(cfg, acc, self.total_steps)
         self.step = 0
         self.logger = MetricsLogger(cfg, acc)
