@@ -5,7 +5,8 @@ output folder, a reference cache, a token cache, the checkpoints, an exported mo
 is written into, `claim` checks it is either new, empty, or already marked as that kind; a cache
 folder holding files a cache never writes is refused, naming them. A rebuild (`remove_own`)
 deletes only the files a cache of that kind writes, after checking there is nothing else there; a
-folder replaced whole (`replace_folder`: an exported model) must carry the marker. So a
+folder replaced whole (`replace_folder`: an exported model) must carry the marker (or be an
+earlier version's export inside a dpo_dist run folder). So a
 `ref_cache.dir` pointed at a shared `runs/` folder with `ref_cache.overwrite=true` deletes nothing.
 """
 
@@ -29,8 +30,8 @@ OWN_FILES = {
     "token cache": re.compile(
         rf"(train|eval)(/(manifest\.json|part-\d{{6}}\.(index|offsets|starts|ids)\.npy|part-\d{{6}}\.json|{_TMP}))?"),
     "checkpoints": re.compile(r"(latest|\.latest\.tmp|(\.tmp-)?step-\d{6})(/.*)?"),
-    # What `save_pretrained` of a model, its tokenizer and a LoRA adapter write (an export made
-    # before exports were marked is recognised by these alone).
+    # What `save_pretrained` of a model, its tokenizer and a LoRA adapter write (how an export made
+    # before exports were marked is recognised in a run folder).
     "model export": re.compile(r"(merged/)?(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
                                r"model\.safetensors\.index\.json|tokenizer[\w.]*|special_tokens_map\.json|vocab\.json|"
                                r"merges\.txt|chat_template\.jinja|adapter_config\.json|adapter_model\.safetensors|"
@@ -140,14 +141,16 @@ def fresh_folder(tmp: Path, kind: str, **details: str) -> Path:
 
 def check_replaceable(path: Path, kind: str) -> None:
     """Refuses, before anything is written, to replace `path` unless dpo_dist wrote it as `kind`
-    (or it is absent, or holds only what an export of that kind writes: an export of an earlier
-    version, an empty folder)."""
+    (or it is absent or empty, or an earlier version's export in a run folder)."""
     path = Path(path)
     if not path.exists():
         return
     if not path.is_dir() or path.is_symlink():
         raise UserError(f"{path} is a file or a link; refusing to replace it with a folder")
-    if marker_kind(path) != kind and (path.is_symlink() or foreign_entries(path, kind)):
+    # An unmarked folder may be replaced if it is empty, or if it is an export of an earlier version
+    # in a run folder of dpo_dist's (a user's own model folder elsewhere is never taken for one).
+    earlier_export = marker_kind(path.parent) == "run" and not foreign_entries(path, kind)
+    if marker_kind(path) != kind and any(path.iterdir()) and not earlier_export:
         raise UserError(f"{path} exists and was not written by dpo_dist (no {MARKER} marker naming a {kind}); "
                         "refusing to replace it: choose a new folder, or move it away yourself")
 

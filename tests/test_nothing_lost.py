@@ -138,6 +138,15 @@ def test_replace_folder_replaces_only_its_own_kind(tmp_path):
     (again / "model.safetensors").write_bytes(b"w")
     ownership.replace_folder(again, target, "model export")  # an earlier export may be replaced
     assert (target / "model.safetensors").read_bytes() == b"w"
+    users_model = tmp_path / "models" / "sft"  # unmarked, only export-like files: a user's model, kept
+    users_model.mkdir(parents=True)
+    (users_model / "model.safetensors").write_bytes(b"sft")
+    with pytest.raises(UserError, match="was not written by dpo_dist"):
+        ownership.check_replaceable(users_model, "model export")
+    run = ownership.claim(tmp_path / "run", "run", "output_dir")
+    (run / "final").mkdir()
+    (run / "final" / "model.safetensors").write_bytes(b"old")  # an earlier version's final/: replaceable
+    ownership.check_replaceable(run / "final", "model export")
 
 
 def _holder(folder, job=None):
