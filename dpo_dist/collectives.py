@@ -44,3 +44,23 @@ def all_gather_objects(accelerator, items: list) -> list:
     per_rank = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(per_rank, list(items))
     return [item for rank_items in per_rank for item in rank_items]
+
+
+def on_main_with_tensor_verdict(accelerator, work) -> None:
+    """`work()` on the main process once the training engine exists; the other ranks learn whether
+    it failed through one tensor all-reduce (the collective every training step already makes; an
+    object broadcast after DeepSpeed's bf16 set-up was seen to abort a rank at exit on the CPU).
+    The main process raises its own error; the others a UserError pointing at it."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except BaseException as err:  # (Ctrl-C too) raised below, after the other ranks have heard of it
+            failure = err
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(failure is not None)], device=accelerator.device)
+        failed = accelerator.reduce(flag, reduction="sum").item() > 0
+        if failed and failure is None:
+            raise UserError("stopped: the main process failed (its line above says why)")
+    if failure is not None:
+        raise failure

@@ -199,7 +199,7 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
                              "`dpo-dist export` it") from None
         ownership.replace_folder(tmp, path, EXPORT_KIND)
 
-    collectives.on_main_broadcast(accelerator, write)  # on the main process; every rank learns how it went
+    collectives.on_main_with_tensor_verdict(accelerator, write)  # every rank learns how it went
 
 
 def _write_hf_folder(accelerator, model, tokenizer, tmp: Path, model_cfg: ModelConfig, state_dict: dict,

@@ -136,7 +136,7 @@ class MetricsLogger:
                 tmp.write_text("".join(kept))
                 os.replace(tmp, self.path)
 
-        collectives.on_main_broadcast(self.accelerator, rewrite)  # a failure there stops every rank
+        collectives.on_main_with_tensor_verdict(self.accelerator, rewrite)  # a failure there stops every rank
 
     def log(self, step: int, values: dict[str, float]) -> None:
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
