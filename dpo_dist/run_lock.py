@@ -73,14 +73,12 @@ def acquire(output_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         holder = _read(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EACCES) and not _earlier_incarnation(holder):
+        held = err.errno in (errno.EWOULDBLOCK, errno.EACCES)  # else: no flock on this file system
+        if not _earlier_incarnation(holder) if held else _holds(holder):
             os.close(fd)
+            hint = "choose another output_dir" if held else f"remove {path} if that run is gone"
             raise UserError(f"output_dir={output_dir} is in use by another dpo-dist run ({_describe(holder)}); "
-                            "wait for it to end, or choose another output_dir") from None
-        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES) and _holds(holder):  # no flock here
-            os.close(fd)
-            raise UserError(f"output_dir={output_dir} is in use by another dpo-dist run ({_describe(holder)}); "
-                            f"wait for it to end, or remove {path} if that run is gone") from None
+                            f"wait for it to end, or {hint}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
     _held[str(path)] = fd
