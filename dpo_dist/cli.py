@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=text, description=text)
             p.add_argument("checkpoint", type=Path, help="A checkpoint folder, e.g. runs/exp1/checkpoints/step-000500.")
             p.add_argument("--output_dir", type=Path, help="Where to write (default: CHECKPOINT/hf).")
+            p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                           help="Dtype of the exported weights (default: the run's export.dtype, else model.dtype); "
+                           "written from the fp32 master weights either way.")
             continue
         if name == "report":
             p = sub.add_parser(name, help=text, description=text)
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
         from dpo_dist.training.checkpoint import export_checkpoint
 
         output = args.output_dir or args.checkpoint / "hf"
-        export_checkpoint(args.checkpoint, output)
+        export_checkpoint(args.checkpoint, output, args.dtype)
         print(f"exported {args.checkpoint} to {output}")
         return
     if args.command == "report":

@@ -146,6 +146,10 @@ class TrainConfig:
         "with sdpa/eager (a 4-D mask) or flex_attention (a block mask); with flash_attention_2 sequences are "
         "packed unshared, with a note.",
     )
+    pad_to_multiple_of: int = _field(
+        64, "Round every micro-batch's width (padded or packed rows) up to a multiple of this many tokens, the tail "
+        "masked: a few widths recur instead of a new shape per step (per-shape kernel caches, allocator "
+        "fragmentation, FlexAttention recompiles; flex_attention rounds to 128 at least). 1 = the exact width.")
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
     save_best: str | None = _field(
         None, "An eval metric (e.g. eval/loss, eval/rewards/accuracies): export OUTPUT_DIR/best/ (Hugging Face "
@@ -188,6 +192,13 @@ class DistributedConfig:
 
 
 @dataclass
+class ExportConfig:
+    dtype: str | None = _field(
+        None, "Dtype of final/ and best/: float32, bfloat16 or float16; null = model.dtype (a LoRA adapter: float32). "
+        "Written from the optimizer's fp32 master weights: float32 of a bf16 run keeps every update bf16 rounds away.")
+
+
+@dataclass
 class Config:
     output_dir: str = _field("runs/exp1", "Where config.yaml, metrics, checkpoints and final/ go.")
     model: ModelConfig = _field(ModelConfig(), "")
@@ -196,6 +207,7 @@ class Config:
     train: TrainConfig = _field(TrainConfig(), "")
     ref_cache: RefCacheConfig = _field(RefCacheConfig(), "")
     distributed: DistributedConfig = _field(DistributedConfig(), "")
+    export: ExportConfig = _field(ExportConfig(), "")
     resume: str | None = _field("auto", "auto = continue from checkpoints/latest if present; null; or a path.")
 
     @property
@@ -205,6 +217,14 @@ class Config:
             return None
         attn = self.model.attn_implementation
         return "varlen" if attn.startswith("flash_attention") else "flex" if attn == "flex_attention" else "block_mask"
+
+    @property
+    def batch_layout(self) -> dict[str, Any]:
+        """batching.collate's layout arguments of this run: packing, prefix sharing and the width
+        multiple (FlexAttention's blocks are 128 tokens)."""
+        multiple = self.train.pad_to_multiple_of
+        return {"packing": self.packing_mode, "share_prefix": self.share_prefix,
+                "multiple_of": math.lcm(multiple, 128) if self.packing_mode == "flex" else multiple}
 
     @property
     def share_prefix(self) -> bool:
@@ -238,6 +258,7 @@ class Config:
             "train.on_nonfinite": (self.train.on_nonfinite, ("stop", "skip")),
             "train.save_best_mode": (self.train.save_best_mode, ("min", "max")),
             "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
+            "export.dtype": (self.export.dtype or "float32", ("float32", "bfloat16", "float16")),
             "model.attn_implementation": (self.model.attn_implementation, ATTENTION_KERNELS),
             "train.mixed_precision": (self.train.mixed_precision, ("auto", "fp32", "bf16", "fp16")),
         }
@@ -254,6 +275,7 @@ class Config:
             ("train.global_batch_size", t.global_batch_size, AT_LEAST_1),
             ("train.eval_batch_size", t.eval_batch_size, AT_LEAST_1),
             ("train.log_every", t.log_every, AT_LEAST_1),
+            ("train.pad_to_multiple_of", t.pad_to_multiple_of, AT_LEAST_1),
             ("train.keep_last", t.keep_last, AT_LEAST_1),
             ("train.epochs", t.epochs, AT_LEAST_1),
             ("train.max_steps", t.max_steps, (lambda v: v >= 1 or v == -1, "-1 (run train.epochs) or >= 1")),

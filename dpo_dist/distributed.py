@@ -274,6 +274,46 @@ def transformers_zero3_off(accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
+def export_state_dict(accelerator, model, optimizer=None, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """The weights an export writes, whole on the main process ({} on the others; every rank calls it):
+    each trained weight from the optimizer's fp32 master copy where there is one (DeepSpeed's master
+    partitions under any ZeRO stage, `MasterWeightAdamW`), not the bf16 copy the forward read — most
+    DPO-sized updates are below one bf16 ulp. Gathered one parameter at a time (ZeRO-3), to the CPU.
+    `trained_only`: just the trained weights (a LoRA adapter), without gathering the frozen base."""
+    fp32_master = None
+    if uses_deepspeed(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param as fp32_master
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around ours
+    masters = ({id(p): m for p, m in zip(inner.model_params, inner.masters())}
+               if isinstance(inner, MasterWeightAdamW) else {})
+    whole: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in accelerator.unwrap_model(model).state_dict(keep_vars=True).items():
+        trained = isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad
+        if trained_only and not trained:
+            continue
+        if id(tensor) not in whole:  # tied weights: one gather
+            whole[id(tensor)] = _whole_weight(tensor, trained, masters, fp32_master)
+        if accelerator.is_main_process:
+            out[name] = whole[id(tensor)]
+    return out
+
+
+def _whole_weight(tensor, trained: bool, masters: dict, fp32_master) -> torch.Tensor:
+    if trained and fp32_master is not None:
+        value = fp32_master(tensor)  # a collective (ZeRO-1/2: all-reduce, ZeRO-3: all-gather)
+        if value is not None:
+            return value.detach().cpu()
+    if id(tensor) in masters:
+        return masters[id(tensor)].detach().cpu().clone()
+    if hasattr(tensor, "ds_id"):  # a frozen ZeRO-3 partition
+        import deepspeed as ds
+
+        with ds.zero.GatheredParameters([tensor]):
+            return tensor.detach().cpu().clone()
+    return tensor.detach().cpu()
+
+
 def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay)
     offload = {}

@@ -49,6 +49,14 @@ def check_deepspeed_precision(ds_config: dict, cfg: Config, precision: str, sour
                         f"then), not {precision}")
 
 
+def export_dtype(cfg: Config) -> torch.dtype:
+    """What final/ and best/ are written in: export.dtype, else as loaded (a LoRA adapter as it
+    trained, float32)."""
+    if cfg.export.dtype is not None:
+        return DTYPES[cfg.export.dtype]
+    return torch.float32 if cfg.model.lora is not None else DTYPES[cfg.model.dtype]
+
+
 def forward_dtypes(cfg: Config, precision: str, deepspeed: bool) -> tuple[torch.dtype, torch.dtype | None]:
     """(dtype of the weights a forward reads, autocast dtype or None): DeepSpeed casts the weights
     to bf16 / fp16 itself; otherwise they stay as loaded and a bf16 / fp16 run autocasts."""
@@ -78,15 +86,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.model_params = list(params)
         super().__init__([p.detach().float().clone() for p in self.model_params], **kwargs)
 
-    def _masters(self) -> list[torch.Tensor]:
+    def masters(self) -> list[torch.Tensor]:
         return [master for group in self.param_groups for master in group["params"]]
 
     @torch.no_grad()
     def step(self, closure=None):
-        for param, master in zip(self.model_params, self._masters()):
+        for param, master in zip(self.model_params, self.masters()):
             master.grad = None if param.grad is None else param.grad.float()
         loss = super().step(closure)
-        for param, master in zip(self.model_params, self._masters()):
+        for param, master in zip(self.model_params, self.masters()):
             param.copy_(master)
         return loss
 
@@ -96,12 +104,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
             param.grad = None
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "master_weights": self._masters()}
+        return {**super().state_dict(), "master_weights": self.masters()}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        for param, master, saved in zip(self.model_params, self._masters(), state_dict.pop("master_weights")):
+        for param, master, saved in zip(self.model_params, self.masters(), state_dict.pop("master_weights")):
             master.copy_(saved)
             param.copy_(master)
         super().load_state_dict(state_dict)

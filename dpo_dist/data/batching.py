@@ -9,6 +9,8 @@ a short last step it runs a zero-weight copy of one, which adds nothing to loss,
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,11 +148,19 @@ class MicroBatch:
         mask = LayoutMask(self.unit_index, self.side)
         if self.packing != "flex":
             return mask
-        from torch.nn.attention.flex_attention import create_block_mask
-
         rows, width = self.input_ids.shape
-        return create_block_mask(lambda b, h, q, kv: mask.visible(b, q, kv), rows, None, width, width,
-                                 device=self.input_ids.device, _compile=self.input_ids.device.type != "cpu")
+        build = _block_mask_builder(compiled=self.input_ids.device.type != "cpu")
+        return build(lambda b, h, q, kv: mask.visible(b, q, kv), rows, None, width, width,
+                     device=self.input_ids.device)
+
+
+@functools.cache
+def _block_mask_builder(compiled: bool):
+    """FlexAttention's `create_block_mask`, compiled once per process on a GPU (dynamo then compiles
+    once per batch width, which train.pad_to_multiple_of keeps to a few); eager on the CPU."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask) if compiled else create_block_mask
 
 
 class LayoutMask:
@@ -237,14 +247,18 @@ def _units(pairs: list[Pair], share_prefix: bool) -> list[list[_Segment]]:
 
 
 def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = None,
-            packing: str | None = None, share_prefix: bool = False, shard: tuple[int, int] = (1, 0)) -> MicroBatch:
+            packing: str | None = None, share_prefix: bool = False, shard: tuple[int, int] = (1, 0),
+            multiple_of: int = 1) -> MicroBatch:
     """packing: None — one sequence per row, padded to the longest; "varlen" — all sequences in
     one row, no padding, attention bounded by position ids (flash kernels); "block_mask" / "flex" —
     units bin-packed into rows as long as the longest unit, attention masked to each unit (a dense
     mask costs ~ rows × longest², like padding; FlexAttention skips the masked-out blocks), while
     nearly no padding tokens are computed. share_prefix (block_mask, flex): each pair's prompt is
-    computed once (see `_units`). shard (parts, part): the width is padded to a multiple of `parts`
-    and the batch's `columns` are the part-th of them (sequence parallelism); (1, 0): all of it."""
+    computed once (see `_units`). multiple_of: padded and packed rows are as wide as the longest, rounded
+    up to a multiple of it (train.pad_to_multiple_of: a few widths recur, not a new shape per batch);
+    the tail is padding, masked, scoring nothing. ("varlen" is one row of exactly its tokens: the flash
+    kernels take any length.) shard (parts, part): the width is padded to a multiple of `parts` too and
+    the batch's `columns` are the part-th of them (sequence parallelism); (1, 0): all of it."""
     masked = packing in ("block_mask", "flex")
     units = _units(pairs, share_prefix and masked)
     unit_lengths = [sum(len(seg.ids) for seg in unit) for unit in units]
@@ -255,7 +269,8 @@ def collate(pairs: list[Pair], pad_token_id: int, weights: list[float] | None = 
     else:
         layout = [[u] for u in range(len(units))]
     parts, part = shard
-    width = -(-max(sum(unit_lengths[u] for u in row) for row in layout) // parts) * parts
+    multiple = parts if packing == "varlen" else math.lcm(multiple_of, parts)
+    width = -(-max(sum(unit_lengths[u] for u in row) for row in layout) // multiple) * multiple
     shape = (len(layout), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)

@@ -57,8 +57,8 @@ def score_shard(model, data: PreferenceData, start: int, count: int, cfg: Config
     rank's columns under sequence parallelism (the ranks of a group score the same pairs)."""
     out = {k: [] for k in TENSOR_KEYS}
     for positions, _ in eval_batches(count, cfg.train.eval_batch_size, 1, 0):
-        batch = collate([data.pairs[start + p] for p in positions], pad_id, packing=cfg.packing_mode,
-                        share_prefix=cfg.share_prefix, shard=shard).to(device)
+        batch = collate([data.pairs[start + p] for p in positions], pad_id, shard=shard,
+                        **cfg.batch_layout).to(device)
         with torch.no_grad():
             scores = sequence_logps(model, batch)
         (chosen, rejected), (chosen_shared, rejected_shared) = scores.halves("logps"), scores.halves("shared_logps")

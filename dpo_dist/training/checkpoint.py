@@ -12,6 +12,7 @@ function of the seed and the step (see `data.batching.StepPlan`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -23,10 +24,10 @@ import torch
 
 from dpo_dist import collectives, ownership
 from dpo_dist.config import Config, ModelConfig, load_config, save_config
-from dpo_dist.distributed import describe_layout, transformers_zero3_off
+from dpo_dist.distributed import describe_layout, export_state_dict, transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
 from dpo_dist.model import loading
-from dpo_dist.precision import DTYPES
+from dpo_dist.precision import export_dtype
 from dpo_dist.training import reshard
 
 STATE_FILE = "trainer_state.json"
@@ -178,20 +179,22 @@ def load(accelerator, path: Path, layout: dict, model, optimizer, scheduler) -> 
     return step
 
 
-def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConfig, info: dict | None = None) -> None:
-    """Hugging Face folder: full weights (gathered from ZeRO-3 shards) or the LoRA adapter, written
-    to a temp folder and renamed into place, over an earlier export only (never a folder dpo_dist
-    did not write); `info` goes into it as best.json. Its marker names the reference it was
-    trained against, so `evaluate` of it can say which one to compare with."""
-    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
+def export_final(accelerator, model, tokenizer, path: Path, cfg: Config, optimizer=None,
+                 info: dict | None = None) -> None:
+    """Hugging Face folder in `export.dtype`: the full weights, from the optimizer's fp32 masters
+    where it keeps them (`distributed.export_state_dict`), or the LoRA adapter; written to a temp
+    folder and renamed into place, over an earlier export only (never a folder dpo_dist did not
+    write); `info` goes into it as best.json. Its marker names the reference it was trained
+    against, so `evaluate` of it can say which one to compare with."""
+    state_dict = export_state_dict(accelerator, model, optimizer, trained_only=cfg.model.lora is not None)
     path = Path(path)
 
     def write() -> None:
         ownership.check_replaceable(path, EXPORT_KIND)
         tmp = ownership.fresh_folder(path.with_name(f".tmp-{path.name}"), EXPORT_KIND,
-                                     reference=_trained_against(model_cfg))
+                                     reference=_trained_against(cfg.model))
         try:
-            _write_hf_folder(accelerator, model, tokenizer, tmp, model_cfg, state_dict, info)
+            _write_hf_folder(accelerator, model, tokenizer, tmp, cfg, state_dict, info)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RunStopped(f"cannot write the model to {path} ({err.strerror or err}); removed the partial folder; "
@@ -202,19 +205,18 @@ def export_final(accelerator, model, tokenizer, path: Path, model_cfg: ModelConf
     collectives.on_main_with_tensor_verdict(accelerator, write)  # every rank learns how it went
 
 
-def _write_hf_folder(accelerator, model, tokenizer, tmp: Path, model_cfg: ModelConfig, state_dict: dict,
+def _write_hf_folder(accelerator, model, tokenizer, tmp: Path, cfg: Config, state_dict: dict,
                      info: dict | None) -> None:
-    # In the dtype the user loaded (a LoRA adapter: fp32, as it trained), whatever DeepSpeed cast it to.
-    dtype = torch.float32 if model_cfg.lora is not None else DTYPES[model_cfg.dtype]
+    dtype = export_dtype(cfg)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if model_cfg.lora is None:  # save_pretrained names the live weights' dtype, not the exported one
+    if cfg.model.lora is None:  # save_pretrained names the live weights' dtype, not the exported one
         config = copy.deepcopy(unwrapped.config)
         config.dtype = dtype
         config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if model_cfg.lora is not None and model_cfg.lora.save_merged:
+    if cfg.model.lora is not None and cfg.model.lora.save_merged:
         # From the saved adapter and a fresh base, so it works whatever ZeRO did to the live model.
         from peft import AutoPeftModelForCausalLM
 
@@ -256,11 +258,13 @@ def best_so_far(output_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def export_checkpoint(checkpoint_dir: Path, output: Path) -> None:
-    """`dpo-dist export`: a sharded checkpoint (any ZeRO stage, any process count) -> HF folder.
+def export_checkpoint(checkpoint_dir: Path, output: Path, dtype: str | None = None) -> None:
+    """`dpo-dist export`: a sharded checkpoint (any ZeRO stage, any process count) -> HF folder in
+    `dtype` (default: the run's export.dtype).
 
-    Runs as one process on the CPU: DeepSpeed's ZeRO shards are consolidated to fp32 with its own
-    `zero_to_fp32` reader; a plain accelerate checkpoint is read as is.
+    Runs as one process on the CPU, from the fp32 master weights wherever the run kept them:
+    DeepSpeed's ZeRO shards are consolidated with its own `zero_to_fp32` reader; a plain accelerate
+    checkpoint is read as is, its trained weights from `MasterWeightAdamW`'s masters if it has them.
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
@@ -269,17 +273,25 @@ def export_checkpoint(checkpoint_dir: Path, output: Path) -> None:
     if not (checkpoint_dir / STATE_FILE).is_file():
         raise UserError(f"{checkpoint_dir}: not a complete dpo_dist checkpoint (no {STATE_FILE})")
     cfg = load_config(checkpoint_dir / "config.yaml")
+    if dtype is not None:
+        cfg.export.dtype = dtype
+        cfg.validate()
+    # Loaded in fp32, so that no master weight is rounded before export_final casts to export.dtype.
+    model = loading.load_policy(dataclasses.replace(cfg.model, dtype="float32"))
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
     if (checkpoint_dir / "pytorch_model").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
     else:
         state_dict = load_file(checkpoint_dir / "model.safetensors")
-    model = loading.load_policy(cfg.model)
+        if json.loads((checkpoint_dir / STATE_FILE).read_text()).get("layout", {}).get("fp32_master_copies"):
+            optimizer = torch.load(checkpoint_dir / "optimizer.bin", map_location="cpu", weights_only=True)
+            state_dict.update(zip(trained, optimizer["master_weights"]))  # in the order the optimizer took them
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Every trained weight must come from the checkpoint; frozen ones (a LoRA base) from model.policy.
-    missing_trained = {n for n, p in model.named_parameters() if p.requires_grad} & set(missing)
+    missing_trained = set(trained) & set(missing)
     if unexpected or missing_trained:
         raise UserError(f"{checkpoint_dir}: weights do not fit model.policy ({len(missing_trained)} trained "
                         f"weights missing, {len(unexpected)} unexpected keys)")
-    export_final(Accelerator(cpu=True), model, loading.load_tokenizer(cfg.model), Path(output), cfg.model)
+    export_final(Accelerator(cpu=True), model, loading.load_tokenizer(cfg.model), Path(output), cfg)

@@ -55,8 +55,8 @@ def evaluate_policy(model, data: PreferenceData, ref: RefLogps, cfg: Config, acc
     sums = MetricSums(accelerator.device, counted=topology.counts)
     for positions, weights in eval_batches(len(data.pairs), cfg.train.eval_batch_size,
                                            topology.data_parallel, topology.data_rank):
-        batch = collate([data.pairs[p] for p in positions], pad_id, weights, cfg.packing_mode,
-                        cfg.share_prefix, topology.shard).to(accelerator.device)
+        batch = collate([data.pairs[p] for p in positions], pad_id, weights, shard=topology.shard,
+                        **cfg.batch_layout).to(accelerator.device)
         out = score_batch(model, batch, ref, cfg.loss)
         sums.add(out, batch.weight, pair_tokens(batch))
     model.train(was_training)
@@ -136,8 +136,8 @@ class Trainer:
         train = self.splits["train"]
         topology = self.topology
         shares = rank_share(positions, topology.data_parallel, topology.data_rank, cfg.train.grad_accum)
-        batches = [collate([train.pairs[p] for p in micro_positions], self.pad_id, weights, cfg.packing_mode,
-                           cfg.share_prefix, topology.shard) for micro_positions, weights in shares]
+        batches = [collate([train.pairs[p] for p in micro_positions], self.pad_id, weights, shard=topology.shard,
+                           **cfg.batch_layout) for micro_positions, weights in shares]
         # Each rank's backward gets d(mean loss over the step's pairs) · world · accum: after
         # DeepSpeed/DDP divide by accum and average over ranks, the gradient is that of the mean
         # loss over all pairs of the step, also when the last step of an epoch is short. (Ranks that
@@ -269,7 +269,7 @@ class Trainer:
         if better:
             self.best = {"step": self.step, "metric": key, "value": value}
             checkpoint.export_final(self.accelerator, self.model, self.tokenizer, self.output_dir / "best",
-                                    self.cfg.model, self.best)
+                                    self.cfg, self.optimizer, self.best)
             self.accelerator.print(f"step {self.step}: best {key} so far ({value:.4f}); exported to "
                                    f"{self.output_dir / 'best'}")
 
@@ -332,7 +332,7 @@ class Trainer:
         finally:
             bar.close()  # before any error line, which would otherwise follow the bar
         set_stage("the export of final/", self.kept)
-        checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg.model)
+        checkpoint.export_final(acc, self.model, self.tokenizer, self.output_dir / "final", cfg, self.optimizer)
         acc.print(f"final model written to {self.output_dir / 'final'}")
         best = self.best
         if best is not None:

@@ -262,6 +262,48 @@ def test_flex_attention_equals_padded(tiny, text_file, dialogue_file):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packing,share_prefix", [(None, False), ("block_mask", False), ("block_mask", True)])
+def test_bucketed_widths_change_no_number(tiny, text_pairs, dialogue_file, attn, packing, share_prefix):
+    """train.pad_to_multiple_of: widths rounded up to 64 (and to 64 when the columns are cut in 2
+    for sequence parallelism) add masked padding only: the log-probs and gradients of the exact width."""
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    pairs = list(text_pairs) + list(load_preference_data(str(dialogue_file), tok, 1024, "keep_end").pairs)
+    model = response_model(tiny["reference"], attn)
+    for group in (pairs[:3], pairs[5:7], pairs):  # several widths, one of them a row or two
+        exact = collate(group, tok.pad_token_id, packing=packing, share_prefix=share_prefix)
+        for shard in ((1, 0), (2, 1)):
+            bucketed = collate(group, tok.pad_token_id, packing=packing, share_prefix=share_prefix, multiple_of=64,
+                               shard=shard)
+            width, exact_width = bucketed.input_ids.shape[1], exact.input_ids.shape[1]
+            assert width % 64 == 0 and exact_width <= width < exact_width + 64
+            assert bucketed.input_ids.shape[0] == exact.input_ids.shape[0]
+            assert torch.equal(bucketed.scoring().tokens, exact.scoring().tokens)
+        a, grad_a = grads_of(model, exact)
+        b, grad_b = grads_of(model, collate(group, tok.pad_token_id, packing=packing, share_prefix=share_prefix,
+                                            multiple_of=64))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for name in grad_a:
+            torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flex_widths_round_to_its_blocks(tiny, text_pairs):
+    """With flex_attention the run's width multiple is at least FlexAttention's 128-token block,
+    and the block mask of a bucketed batch gives the exact width's log-probs."""
+    from dpo_dist.config import load_config
+
+    layout = load_config(None, ["model.attn_implementation=flex_attention", "train.pad_to_multiple_of=64"]).batch_layout
+    assert layout == {"packing": "flex", "share_prefix": True, "multiple_of": 128}
+    assert load_config(None, ["train.pad_to_multiple_of=48"]).batch_layout["multiple_of"] == 48
+    tok = AutoTokenizer.from_pretrained(tiny["reference"])
+    flex = response_model(tiny["reference"], "flex_attention").eval()
+    with torch.no_grad():
+        exact = sequence_logps(flex, collate(text_pairs, tok.pad_token_id, packing="flex", share_prefix=True)).logps
+        batch = collate(text_pairs, tok.pad_token_id, **layout)
+        assert batch.input_ids.shape[1] % 128 == 0
+        torch.testing.assert_close(sequence_logps(flex, batch).logps, exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("packing,share_prefix", [(None, False), ("block_mask", False), ("block_mask", True)])
 def test_shared_length_and_wpo_terms_match_naive(tiny, dialogue_file, packing, share_prefix):
     """LD-DPO's sum over the pair's shared length and WPO's mean of log p − log Σp², from the

@@ -105,21 +105,62 @@ def test_bf16_trains_like_fp32(tiny, runs):
         assert abs(first["rewards/chosen"]) < 1e-3 and abs(first["rewards/rejected"]) < 1e-3, name
 
 
+def bf16_representable(weights: dict) -> float:
+    """Share of the values that a bf16 copy cast up would hold."""
+    flat = torch.cat([v.flatten() for v in weights.values()])
+    return (flat == flat.to(torch.bfloat16).float()).float().mean().item()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config,port", [("zero2_cpu.yaml", 29681), ("zero3_cpu.yaml", 29682)])
-def test_deepspeed_bf16_on_two_processes_is_close_to_one(tiny, data, runs, tmp_path, config, port):
-    """DeepSpeed casts the weights to bf16 and keeps fp32 masters: close to one process with bf16
-    weights and fp32 masters. The export is in the dtype the user loaded (fp32)."""
-    weights, metrics, stdout = run_train(tmp_path / "ds", tiny, data, "train.mixed_precision=bf16",
-                                         "train.micro_batch_size=1", launcher=accelerate(config, port))
+def test_deepspeed_bf16_exports_the_fp32_masters(tiny, data, runs, tmp_path, config, port):
+    """DeepSpeed casts the weights to bf16 and steps fp32 masters: the float32 export is those
+    masters (as its last checkpoint holds them, read with DeepSpeed's own zero_to_fp32), not the
+    bf16 copy cast up, and its update is the 1-process autocast run's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "ds"
+    weights, metrics, stdout = run_train(out, tiny, data, "train.mixed_precision=bf16", "train.micro_batch_size=1",
+                                         "train.save_every=16", launcher=accelerate(config, port))
     assert "DeepSpeed's master weights" in stdout
-    one_weights, one_metrics, _ = runs["bf16 weights"]
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints" / "step-000016"))
     assert {v.dtype for v in weights.values()} == {torch.float32}
+    for key, value in weights.items():
+        torch.testing.assert_close(value, masters[key], rtol=0, atol=0, msg=key)
+    assert bf16_representable(weights) < 0.5  # the bf16 module copy: 1.0
+    one_weights, one_metrics, _ = runs["autocast"]
     for ours, theirs in zip(metrics, one_metrics):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=2e-3), ours["step"]
     initial = load_file(tiny["policy"] / "model.safetensors")
     cosine = torch.nn.functional.cosine_similarity(update(weights, initial), update(one_weights, initial), dim=0)
-    assert cosine > 0.95
+    assert cosine >= 0.99
+
+
+@pytest.mark.slow
+def test_bf16_weights_export_their_masters_in_float32(tiny, data, runs, tmp_path):
+    """model.dtype=bfloat16 exports bf16 as asked; export.dtype=float32 (in the run, or `dpo-dist
+    export --dtype float32` of its checkpoint) writes MasterWeightAdamW's fp32 masters instead."""
+    bf16_weights, _, _ = runs["bf16 weights"]
+    assert {v.dtype for v in bf16_weights.values()} == {torch.bfloat16}
+    out = tmp_path / "fp32-export"
+    weights, _, _ = run_train(out, tiny, data, "train.mixed_precision=bf16", "model.dtype=bfloat16",
+                              "export.dtype=float32", "train.save_every=16")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "float32"
+    optimizer = torch.load(out / "checkpoints" / "step-000016" / "optimizer.bin", weights_only=False)
+    from transformers import AutoModelForCausalLM
+    names = [n for n, p in AutoModelForCausalLM.from_pretrained(tiny["policy"]).named_parameters()]
+    for name, master in zip(names, optimizer["master_weights"]):
+        torch.testing.assert_close(weights[name], master, rtol=0, atol=0, msg=name)
+    for key, value in bf16_weights.items():  # the same run otherwise: its bf16 export is the masters rounded
+        assert torch.equal(value, weights[key].to(torch.bfloat16)), key
+    assert bf16_representable(weights) < 0.5
+    exported = run_cli("export", str(out / "checkpoints" / "step-000016"), "--output_dir", str(tmp_path / "again"),
+                       "--dtype", "float32")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for key, value in weights.items():
+        assert torch.equal(again[key], value), key
 
 
 @pytest.mark.slow
