@@ -8,6 +8,7 @@ verbatim. Then each sequence is cut to `max_length` per `truncation`, or the pai
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,26 +76,131 @@ def _fit(prompt: list[int], response: list[int], max_length: int, truncation: st
     return ids, start
 
 
-def _tokenize_texts(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> tuple[list, list, list]:
+def _is_safe_cut(text: str, at: int) -> bool:
+    """A single space between two non-space characters: a regex pre-tokenizer (GPT-2, Llama 3, Qwen)
+    or a Metaspace one starts a piece there whatever comes before or after, so the tokens of
+    text[:at] and text[at:] joined are the tokens of `text` (`joins_at_safe_cuts` checks it per tokenizer)."""
+    return 0 < at < len(text) - 1 and text[at] == " " and not text[at - 1].isspace() and not text[at + 1].isspace()
+
+
+def _last_safe_cut(text: str, before: int) -> int:
+    """The last safe cut of `text` below `before` (not touching text[before:]), else 0."""
+    at = text.rfind(" ", 0, before - 1)
+    while at > 0 and not _is_safe_cut(text, at):
+        at = text.rfind(" ", 0, at)
+    return max(at, 0)
+
+
+def _first_safe_cut(text: str, start: int) -> int:
+    """The first safe cut of `text` at or after `start`, else len(text)."""
+    at = text.find(" ", start)
+    while at != -1 and not _is_safe_cut(text, at):
+        at = text.find(" ", at + 1)
+    return len(text) if at == -1 else at
+
+
+PROBES = ("Hello world, this is a test.", "The year 2024 had 366 days: 12 months 4096 tokens 3.14159 x",
+          "emoji 😀 here 🎉🎉 ok 👍🏽 fine", "中文 字符 测试 混合English 文本", "tabs\tand\nnew lines\n\nhere  two  spaces",
+          "don't won't it's we'll they're I'm", "punct!! ?? ... (paren) [br] {cb} end.", "Ünïcödé wörds naïve café ﬁ",
+          "e\u0301 combining marks a\u0308", "a b c d e f g h i j", "x1 y2 z3 100 200 300 1e9",
+          "User: tell me\nAssistant: sure thing", "    leading and trailing    ")
+
+
+@functools.lru_cache(maxsize=8)
+def joins_at_safe_cuts(tokenizer: Any) -> bool:
+    """Whether `tokenizer` joins at safe cuts, the property `_encode_pairs` builds on: its
+    pre-tokenizer starts a piece at every safe cut of a bank of probes (digits, emoji, CJK, accents,
+    contractions, its EOS text), so no token spans one, and tok(s) == tok(s[:c]) + tok_ns(s[c:])
+    there, with and without special tokens. Not for slow tokenizers, a BPE without pre-tokenizer
+    or one that keeps spaces inside pieces (Metaspace without split), special tokens that eat
+    neighbouring spaces, or tokens added at the end: their pairs are encoded whole."""
+    if not getattr(tokenizer, "is_fast", False):
+        return False
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) or " " in str(t) for t in added):
+        return False
+    if tokenizer("a")["input_ids"][-1:] != tokenizer("a", add_special_tokens=False)["input_ids"][-1:]:
+        return False  # suffix special tokens
+    pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
+    if pre_tokenizer is None:
+        return False  # BPE over the whole text: a merge may cross any space
+    eos = tokenizer.eos_token or ""
+    for text in (*PROBES, f"end of turn {eos} next {eos}"):
+        cuts = [c for c in range(len(text)) if _is_safe_cut(text, c)]
+        if not set(cuts) <= {start for _, (start, _) in pre_tokenizer.pre_tokenize_str(text)}:
+            return False  # a piece spans a safe cut (Metaspace without split, say)
+        for specials in (True, False):
+            whole = tokenizer(text, add_special_tokens=specials)["input_ids"]
+            heads = tokenizer([text[:c] for c in cuts], add_special_tokens=specials)["input_ids"]
+            tails = tokenizer([text[c:] for c in cuts], add_special_tokens=False)["input_ids"]
+            if any(head + tail != whole for head, tail in zip(heads, tails)):
+                return False
+    return True
+
+
+def _encode_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str],
+                  specials: bool) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids as TRL derives them from tok(prompt), tok(whole chosen text)
+    and tok(whole rejected text), where `chosen[i]` / `rejected[i]` are whole texts that usually
+    start with `prompts[i]`. Each prompt is encoded once and each response once: a whole text is
+    cut at the prompt's last safe cut L and at the first one R from the boundary on, and
+    tok(text[:L]) (the prompt's, shared), tok(text[L:R]) (a few words across the boundary, where
+    tokens can merge) and tok(text[R:]) are joined. Without a cut in the prompt the text is
+    tok(text[:R]) + tok(text[R:]); a text not starting with its prompt, or every text of a
+    tokenizer that fails `joins_at_safe_cuts`, is encoded whole."""
+    windows = joins_at_safe_cuts(tokenizer)
+    lefts = [_last_safe_cut(prompt, len(prompt)) if windows else 0 for prompt in prompts]
+    heads = [prompt[:left] if left else prompt for prompt, left in zip(prompts, lefts)]  # the whole prompt: tail ""
+    tails = [prompt[left:] if left else "" for prompt, left in zip(prompts, lefts)]
+    texts = [*chosen, *rejected]
+    joined, firsts, rests = [], [], []  # joined: first part follows the prompt's head
+    for k, text in enumerate(texts):
+        prompt, left = prompts[k % len(prompts)], lefts[k % len(prompts)]
+        right = len(text)
+        if windows and text.startswith(prompt):
+            right = len(prompt) if _is_safe_cut(text, len(prompt)) else _first_safe_cut(text, len(prompt) + 1)
+        joined.append(bool(left) and windows and text.startswith(prompt))
+        firsts.append(text[left:right] if joined[-1] else text[:right])
+        rests.append(text[right:])
+
+    def encode(strings: list[str], add: bool) -> list[list[int]]:
+        return tokenizer(strings, add_special_tokens=add)["input_ids"] if strings else []
+
+    head_ids, tail_ids, rest_ids = encode(heads, specials), encode(tails, False), encode(rests, False)
+    joined_ids = iter(encode([f for f, j in zip(firsts, joined) if j], False))
+    alone_ids = iter(encode([f for f, j in zip(firsts, joined) if not j], specials))
+    whole = [(head_ids[k % len(prompts)] + next(joined_ids) if joined[k] else next(alone_ids)) + rest_ids[k]
+             for k in range(len(texts))]
+    out = []
+    for pair, (head, tail) in enumerate(zip(head_ids, tail_ids)):
+        prompt_ids, c, r = head + tail, whole[pair], whole[len(prompts) + pair]
+        # Tokens can merge across the prompt/response boundary, and chat templates may render a
+        # prompt differently alone: the response starts where the two tokenizations diverge.
+        n = min(_common_prefix_length(prompt_ids, c), _common_prefix_length(prompt_ids, r))
+        out.append((prompt_ids[:n], c[n:], r[n:]))
+    return out
+
+
+def _tokenize_texts(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> list[tuple]:
     eos = tokenizer.eos_token
 
     def with_eos(text: str) -> str:
         return text if text.endswith(eos) else text + eos
 
-    return (tokenizer(prompts)["input_ids"],
-            tokenizer([p + with_eos(c) for p, c in zip(prompts, chosen)])["input_ids"],
-            tokenizer([p + with_eos(r) for p, r in zip(prompts, rejected)])["input_ids"])
+    return _encode_pairs(tokenizer, prompts, [p + with_eos(c) for p, c in zip(prompts, chosen)],
+                         [p + with_eos(r) for p, r in zip(prompts, rejected)], specials=True)
 
 
 def _tokenize_dialogues(tokenizer, prompts: list[list], chosen: list[list], rejected: list[list],
-                        kwargs: dict) -> tuple[list, list, list]:
-    def render(conversations: list[list], **extra) -> list[list[int]]:
-        out = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs, **extra)
-        return [list(ids) for ids in out["input_ids"]]
+                        kwargs: dict) -> list[tuple]:
+    """Rendered by the chat template to text (as `apply_chat_template(tokenize=True)` does), then
+    encoded without special tokens added (the template writes them)."""
+    def render(conversations: list[list], **extra) -> list[str]:
+        return tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs, **extra)
 
-    return (render(prompts, add_generation_prompt=True),
-            render([p + c for p, c in zip(prompts, chosen)]),
-            render([p + r for p, r in zip(prompts, rejected)]))
+    return _encode_pairs(tokenizer, render(prompts, add_generation_prompt=True),
+                         render([p + c for p, c in zip(prompts, chosen)]),
+                         render([p + r for p, r in zip(prompts, rejected)]), specials=False)
 
 
 def _check_vocabulary(rows: list[Row], vocab_size: int) -> None:
@@ -144,16 +250,9 @@ def tokenize_rows(rows: list[Row], first_index: int, tokenizer: Any, settings: T
         tokenized = zip(prompts, chosen, rejected)  # verbatim: nothing added
     else:
         if form == "text":
-            prompt_ids, full_chosen, full_rejected = _tokenize_texts(tokenizer, prompts, chosen, rejected)
+            tokenized = _tokenize_texts(tokenizer, prompts, chosen, rejected)
         else:
-            prompt_ids, full_chosen, full_rejected = _tokenize_dialogues(tokenizer, prompts, chosen, rejected,
-                                                                         settings.chat_template_kwargs)
-        tokenized = []
-        for p, c, r in zip(prompt_ids, full_chosen, full_rejected):
-            # Tokens can merge across the prompt/response boundary, and chat templates may render a
-            # prompt differently alone: the response starts where the two tokenizations diverge.
-            n = min(_common_prefix_length(p, c), _common_prefix_length(p, r))
-            tokenized.append((p[:n], c[n:], r[n:]))
+            tokenized = _tokenize_dialogues(tokenizer, prompts, chosen, rejected, settings.chat_template_kwargs)
 
     index, sequences, starts = [], [], []
     truncated = dropped = 0
