@@ -293,24 +293,28 @@ def export_state_dict(accelerator, model, optimizer=None, trained_only: bool = F
         if trained_only and not trained:
             continue
         if id(tensor) not in whole:  # tied weights: one gather
-            whole[id(tensor)] = _whole_weight(tensor, trained, masters, fp32_master)
+            whole[id(tensor)] = _whole_weight(tensor, trained, masters, fp32_master, accelerator.is_main_process)
         if accelerator.is_main_process:
             out[name] = whole[id(tensor)]
     return out
 
 
-def _whole_weight(tensor, trained: bool, masters: dict, fp32_master) -> torch.Tensor:
+def _whole_weight(tensor, trained: bool, masters: dict, fp32_master, keep: bool) -> torch.Tensor | None:
+    """One weight, whole, on the CPU if `keep` (the main process); every rank takes part in the
+    collectives (ZeRO), the others keep nothing."""
     if trained and fp32_master is not None:
         value = fp32_master(tensor)  # a collective (ZeRO-1/2: all-reduce, ZeRO-3: all-gather)
         if value is not None:
-            return value.detach().cpu()
+            return value.detach().cpu() if keep else None
+    if hasattr(tensor, "ds_id"):  # a frozen ZeRO-3 partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().cpu().clone() if keep else None
+    if not keep:
+        return None
     if id(tensor) in masters:
         return masters[id(tensor)].detach().cpu().clone()
-    if hasattr(tensor, "ds_id"):  # a frozen ZeRO-3 partition
-        import deepspeed as ds
-
-        with ds.zero.GatheredParameters([tensor]):
-            return tensor.detach().cpu().clone()
     return tensor.detach().cpu()
 
 

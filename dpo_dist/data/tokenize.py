@@ -59,10 +59,8 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _fit(prompt: list[int], response: list[int], max_length: int, truncation: str) -> tuple[list[int], int] | None:
-    """(ids, response start) of prompt+response cut to `max_length`; None when no response is left."""
-    ids = prompt + response
-    start = len(prompt)
+def _fit(ids: list[int], start: int, max_length: int, truncation: str) -> tuple[list[int], int] | None:
+    """(ids, response start) of a prompt+response sequence cut to `max_length`; None when no response is left."""
     if len(ids) > max_length:
         if truncation == "drop":
             return None
@@ -138,10 +136,30 @@ def joins_at_safe_cuts(tokenizer: Any) -> bool:
     return True
 
 
+def _batch_encoder(tokenizer):
+    """`tokenizer(strings, add_special_tokens=add)["input_ids"]` as a function of (strings, add),
+    straight from the Rust tokenizer's `encode_batch_fast` (no offsets kept: ~1.3x faster than the
+    call) where the call does only that: a transformers fast tokenizer that overrides no encoding,
+    set up by one call (no truncation, no padding, its special-token splitting)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    def call(strings: list[str], add: bool) -> list[list[int]]:
+        return tokenizer(strings, add_special_tokens=add)["input_ids"]
+
+    if getattr(type(tokenizer), "_encode_plus", None) is not TokenizersBackend._encode_plus:
+        return call
+    call(["x"], True)
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:
+        return call
+    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda strings, add: [encoding.ids for encoding in fast(strings, add_special_tokens=add)]
+
+
 def _encode_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str],
-                  specials: bool) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) ids as TRL derives them from tok(prompt), tok(whole chosen text)
-    and tok(whole rejected text), where `chosen[i]` / `rejected[i]` are whole texts that usually
+                  specials: bool) -> list[tuple[int, list[int], list[int]]]:
+    """(response start, chosen ids, rejected ids) as TRL derives them from tok(prompt), tok(whole
+    chosen text) and tok(whole rejected text) (the responses start where those diverge), where `chosen[i]` / `rejected[i]` are whole texts that usually
     start with `prompts[i]`. Each prompt is encoded once and each response once: a whole text is
     cut at the prompt's last safe cut L and at the first one R from the boundary on, and
     tok(text[:L]) (the prompt's, shared), tok(text[L:R]) (a few words across the boundary, where
@@ -163,8 +181,10 @@ def _encode_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: li
         firsts.append(text[left:right] if joined[-1] else text[:right])
         rests.append(text[right:])
 
+    batch = _batch_encoder(tokenizer)
+
     def encode(strings: list[str], add: bool) -> list[list[int]]:
-        return tokenizer(strings, add_special_tokens=add)["input_ids"] if strings else []
+        return batch(strings, add) if strings else []
 
     head_ids, tail_ids, rest_ids = encode(heads, specials), encode(tails, False), encode(rests, False)
     joined_ids = iter(encode([f for f, j in zip(firsts, joined) if j], False))
@@ -173,11 +193,11 @@ def _encode_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: li
              for k in range(len(texts))]
     out = []
     for pair, (head, tail) in enumerate(zip(head_ids, tail_ids)):
-        prompt_ids, c, r = head + tail, whole[pair], whole[len(prompts) + pair]
+        c, r = whole[pair], whole[len(prompts) + pair]
         # Tokens can merge across the prompt/response boundary, and chat templates may render a
         # prompt differently alone: the response starts where the two tokenizations diverge.
-        n = min(_common_prefix_length(prompt_ids, c), _common_prefix_length(prompt_ids, r))
-        out.append((prompt_ids[:n], c[n:], r[n:]))
+        prompt_ids = head + tail
+        out.append((min(_common_prefix_length(prompt_ids, c), _common_prefix_length(prompt_ids, r)), c, r))
     return out
 
 
@@ -247,7 +267,7 @@ def tokenize_rows(rows: list[Row], first_index: int, tokenizer: Any, settings: T
 
     if form == "pretokenized":
         _check_vocabulary(rows, len(tokenizer))
-        tokenized = zip(prompts, chosen, rejected)  # verbatim: nothing added
+        tokenized = [(len(p), p + c, p + r) for p, c, r in zip(prompts, chosen, rejected)]  # verbatim: nothing added
     else:
         if form == "text":
             tokenized = _tokenize_texts(tokenizer, prompts, chosen, rejected)
@@ -256,14 +276,14 @@ def tokenize_rows(rows: list[Row], first_index: int, tokenizer: Any, settings: T
 
     index, sequences, starts = [], [], []
     truncated = dropped = 0
-    for k, ((where, _), (p, c, r)) in enumerate(zip(rows, tokenized)):
-        if not c or not r:
+    for k, ((where, _), (start, c, r)) in enumerate(zip(rows, tokenized)):
+        if len(c) == start or len(r) == start:
             raise UserError(f"{where}: a response tokenizes to no tokens beyond the prompt")
-        fitted = [_fit(list(p), list(response), settings.max_length, settings.truncation) for response in (c, r)]
+        fitted = [_fit(ids, start, settings.max_length, settings.truncation) for ids in (c, r)]
         if None in fitted:
             dropped += 1
             continue
-        truncated += int(len(p) + max(len(c), len(r)) > settings.max_length)
+        truncated += int(max(len(c), len(r)) > settings.max_length)
         index.append(first_index + k)
         for ids, start in fitted:
             sequences.append(ids)

@@ -92,9 +92,11 @@ def fields(rows: list[dict]) -> list[tuple]:
 
 
 def trl_ids(prompt_ids, chosen_ids, rejected_ids):
-    """TRL 1.16: the response starts where tok(prompt) and tok(prompt + response) diverge."""
+    """TRL 1.16: the response starts where tok(prompt) and tok(prompt + response) diverge; as
+    (response start, prompt + chosen, prompt + rejected)."""
     n = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
-    return prompt_ids[:n], chosen_ids[n:], rejected_ids[n:]
+    prompt = prompt_ids[:n]
+    return n, prompt + chosen_ids[n:], prompt + rejected_ids[n:]
 
 
 def adversarial_texts(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
