@@ -42,8 +42,8 @@ def make_model(path: Path, hidden: int = 256, layers: int = 4) -> Path:
 
 
 def run_measured(args: list[str], env: dict | None = None) -> dict:
-    """Runs `python ARGS` in a child (with `env` added to the environment); returns wall seconds and
-    the child's peak resident memory (MiB)."""
+    """Runs `python ARGS` in a child (with `env` added to the environment); returns wall seconds,
+    the child's peak resident memory (MiB) and its stdout."""
     probe = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter()\n"
@@ -55,7 +55,7 @@ def run_measured(args: list[str], env: dict | None = None) -> dict:
     rc, seconds, max_rss_kib = out.stdout.strip().splitlines()[-1].split()
     if rc != "0":
         raise RuntimeError(f"benchmark run failed: {' '.join(args)}\n{out.stderr[-3000:]}")
-    return {"seconds": float(seconds), "peak_mib": int(max_rss_kib) / 1024}
+    return {"seconds": float(seconds), "peak_mib": int(max_rss_kib) / 1024, "stdout": out.stdout}
 
 
 def timestamp() -> str:

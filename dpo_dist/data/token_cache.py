@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def _build(folder: Path, sources: list[Source], tokenizer, settings: TokenSettin
     world, rank = accelerator.num_processes, accelerator.process_index
     set_stage(f"tokenization of {what}", lambda: f"the complete parts of the token cache {folder}; rerun the same "
               "command to continue from them")
-    chunks = 0
+    chunks, start = 0, time.perf_counter()
     with tqdm(desc=f"tokenizing {what}", unit="row", disable=not accelerator.is_local_main_process) as bar:
         for k, first, chunk in numbered_chunks(sources, chunk_rows):
             chunks = k + 1
@@ -137,6 +138,9 @@ def _build(folder: Path, sources: list[Source], tokenizer, settings: TokenSettin
         counts = [json.loads(_part_path(folder, k, "json").read_text()) for k in range(chunks)]
         totals = {key: sum(c[key] for c in counts) for key in ("pairs", "rows", "truncated", "dropped")}
         fingerprint.write_json_atomic(folder / "manifest.json", _manifest(parts, settings, chunks, totals, True))
+        seconds = time.perf_counter() - start
+        print(f"{what}: tokenized {totals['rows']} rows on {world} process(es) in {seconds:.1f} s "
+              f"({totals['rows'] / seconds:.0f} rows/s)", flush=True)
     accelerator.wait_for_everyone()
 
 
