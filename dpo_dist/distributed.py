@@ -24,7 +24,7 @@ import torch
 from dpo_dist.model import attention, loading, ulysses
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
-from dpo_dist.precision import (ACCELERATE_NAMES, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
+from dpo_dist.precision import (ACCELERATE_NAMES, LOW, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
                                 fp32_master_copies, resolve_precision)
 
 
@@ -356,5 +356,27 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
         name, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
     )
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    if uses_deepspeed(accelerator) and LOW.get(resolve_precision(cfg)) and cfg.model.dtype == "float32" \
+            and cfg.model.lora is None:
+        _masters_from_weight_files(accelerator.unwrap_model(model), loading.policy_path(cfg.model))
     accelerator.register_for_checkpointing(scheduler)
     return model, prepared_optimizer, scheduler
+
+
+def _masters_from_weight_files(model: torch.nn.Module, folder: Path) -> None:
+    """DeepSpeed makes its fp32 masters from the bf16 / fp16 copy it casts the weights to, which rounds
+    the fp32 starting weights by up to half an ulp — often more than a DPO run moves them. They are
+    set again from the policy's fp32 safetensors files, one tensor at a time, on every rank its
+    part (`safe_set_full_fp32_param`). A resumed run then loads its checkpoint's masters over them."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors import safe_open
+
+    files = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        handle = safe_open(str(file), framework="pt")
+        files.update(dict.fromkeys(handle.keys(), handle))
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in files:
+            saved = files[name].get_tensor(name)
+            if saved.dtype == torch.float32:
+                safe_set_full_fp32_param(param, saved.to(param.device))

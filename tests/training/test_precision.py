@@ -137,6 +137,20 @@ def test_deepspeed_bf16_exports_the_fp32_masters(tiny, data, runs, tmp_path, con
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config,port", [("zero2_cpu.yaml", 29683), ("zero3_cpu.yaml", 29684)])
+def test_deepspeed_bf16_masters_start_from_the_fp32_weights(tiny, data, tmp_path, config, port):
+    """DeepSpeed would make its masters from the bf16 copy, rounding every starting weight; they are
+    set from the fp32 files, so a run that barely moves (one step at lr 1e-12) exports the fp32
+    start itself, not its bf16 rounding."""
+    weights, _, _ = run_train(tmp_path / "still", tiny, data, "train.mixed_precision=bf16", "train.micro_batch_size=1",
+                              "train.lr=1e-12", "train.max_steps=1", launcher=accelerate(config, port))
+    initial = load_file(tiny["policy"] / "model.safetensors")
+    assert bf16_representable(initial) < 0.5
+    for key, value in initial.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-10, msg=key)
+
+
+@pytest.mark.slow
 def test_bf16_weights_export_their_masters_in_float32(tiny, data, runs, tmp_path):
     """model.dtype=bfloat16 exports bf16 as asked; export.dtype=float32 (in the run, or `dpo-dist
     export --dtype float32` of its checkpoint) writes MasterWeightAdamW's fp32 masters instead."""
