@@ -72,6 +72,7 @@ def build_accelerator(cfg: Config):
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
+    check_engine()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_sequence_parallel(cfg, world)
     derive_grad_accum(cfg, world // cfg.distributed.sequence_parallel)
@@ -107,6 +108,18 @@ def build_accelerator(cfg: Config):
         torch.set_float32_matmul_precision("high")
         accelerator.print("fp32 on CUDA: TF32 matmuls allowed (torch.set_float32_matmul_precision('high'))")
     return accelerator
+
+
+def check_engine() -> None:
+    """Refuses an accelerate FSDP config: dpo_dist's engines are DeepSpeed ZeRO and plain data parallel,
+    and accelerate would drop the FSDP plugin on a CPU and train unsharded in its place."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    raise UserError(f"the accelerate config asks for FSDP (fsdp_version {version}), which dpo_dist does not run yet"
+                    f"{'' if version == '2' else ' (and FSDP1 it never will: fsdp_version 2 when it does)'}; rather "
+                    "than train unsharded, it stops: shard with DeepSpeed ZeRO-3 instead, e.g. "
+                    "--config_file launch/accelerate/zero3.yaml (zero3_cpu.yaml on CPUs)")
 
 
 def derive_grad_accum(cfg: Config, processes: int) -> None:

@@ -236,6 +236,12 @@ CASES = [
                                                                  f"data.cache_dir={w.root / 'c'}"),
          ("ref_cache.dir and data.cache_dir are one folder",)),
     Case("config", "override without =", lambda w: [*w.args("precompute"), "train.lr"], ("not of the form",)),
+    Case("config", "an accelerate FSDP2 config", lambda w: w.args("train"),
+         ("asks for FSDP (fsdp_version 2)", "DeepSpeed ZeRO-3"),
+         inject=lambda mp: (mp.setenv("ACCELERATE_USE_FSDP", "true"), mp.setenv("FSDP_VERSION", "2"))),
+    Case("config", "an accelerate FSDP1 config", lambda w: w.args("precompute"),
+         ("asks for FSDP (fsdp_version 1)", "FSDP1 it never will"),
+         inject=lambda mp: mp.setenv("ACCELERATE_USE_FSDP", "true")),
 
     # --- model folders, tokenizers and vocabularies, before the long work ---
     Case("model", "policy folder missing", lambda w: w.args("precompute", policy=w.root / "nowhere"),
