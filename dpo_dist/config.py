@@ -149,7 +149,7 @@ class TrainConfig:
     pad_to_multiple_of: int = _field(
         64, "Round every micro-batch's width (padded or packed rows) up to a multiple of this many tokens, the tail "
         "masked: a few widths recur instead of a new shape per step (per-shape kernel caches, allocator "
-        "fragmentation, FlexAttention recompiles; flex_attention rounds to 128 at least). 1 = the exact width.")
+        "fragmentation, FlexAttention recompiles; flex_attention: rounded up to a multiple of 128). 1 = the exact width.")
     log_every: int = _field(10, "Write a metrics line every N optimizer steps.")
     save_best: str | None = _field(
         None, "An eval metric (e.g. eval/loss, eval/rewards/accuracies): export OUTPUT_DIR/best/ (Hugging Face "
@@ -221,10 +221,10 @@ class Config:
     @property
     def batch_layout(self) -> dict[str, Any]:
         """batching.collate's layout arguments of this run: packing, prefix sharing and the width
-        multiple (FlexAttention's blocks are 128 tokens)."""
+        multiple (FlexAttention's blocks are 128 tokens: rounded up to a multiple of 128)."""
         multiple = self.train.pad_to_multiple_of
         return {"packing": self.packing_mode, "share_prefix": self.share_prefix,
-                "multiple_of": math.lcm(multiple, 128) if self.packing_mode == "flex" else multiple}
+                "multiple_of": -(-multiple // 128) * 128 if self.packing_mode == "flex" else multiple}
 
     @property
     def share_prefix(self) -> bool:

@@ -371,25 +371,55 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     if uses_deepspeed(accelerator) and LOW.get(resolve_precision(cfg)) and cfg.model.dtype == "float32" \
             and cfg.model.lora is None:
-        _masters_from_weight_files(accelerator.unwrap_model(model), loading.policy_path(cfg.model))
+        _masters_from_weight_files(accelerator, accelerator.unwrap_model(model), loading.policy_path(cfg.model))
     accelerator.register_for_checkpointing(scheduler)
     return model, prepared_optimizer, scheduler
 
 
-def _masters_from_weight_files(model: torch.nn.Module, folder: Path) -> None:
+def _masters_from_weight_files(accelerator, model: torch.nn.Module, folder: Path) -> None:
     """DeepSpeed makes its fp32 masters from the bf16 / fp16 copy it casts the weights to, which rounds
-    the fp32 starting weights by up to half an ulp — often more than a DPO run moves them. They are
-    set again from the policy's fp32 safetensors files, one tensor at a time, on every rank its
-    part (`safe_set_full_fp32_param`). A resumed run then loads its checkpoint's masters over them."""
-    from deepspeed.utils import safe_set_full_fp32_param
+    the fp32 starting weights by up to half an ulp — often more than a DPO run moves them. Every rank
+    sets its part of them again from the policy's fp32 safetensors files, one tensor at a time, from
+    the host. A resumed run then loads its checkpoint's masters over them. Weights with no fp32 entry
+    there (.bin files, renamed keys) keep the rounded start, and the run says how many."""
     from safetensors import safe_open
 
+    index = folder / "model.safetensors.index.json"
+    names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"] if (folder / "model.safetensors").is_file() else [])
     files = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        handle = safe_open(str(file), framework="pt")
+    for name in names:
+        handle = safe_open(str(folder / name), framework="pt")
         files.update(dict.fromkeys(handle.keys(), handle))
-    for name, param in model.named_parameters():
-        if param.requires_grad and name in files:
-            saved = files[name].get_tensor(name)
-            if saved.dtype == torch.float32:
-                safe_set_full_fp32_param(param, saved.to(param.device))
+    trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    kept = 0
+    for name, param in trained:
+        saved = files[name].get_tensor(name) if name in files else None
+        if saved is None or saved.dtype != torch.float32 or not _set_master(param, saved):
+            kept += 1
+    if kept:
+        accelerator.print(f"note: {kept} of {len(trained)} trained weights keep DeepSpeed's "
+                          f"{'bf16' if accelerator.mixed_precision == 'bf16' else 'fp16'}-rounded start (no float32 "
+                          f"entry for them in {folder}'s safetensors files)")
+
+
+def _set_master(param, value: torch.Tensor) -> bool:
+    """This rank's part of `param`'s fp32 master from the whole `value` (on the host); False if
+    DeepSpeed keeps none for it. ZeRO-3 by hand: its `set_full_hp_param` reads past the end of a
+    weight whose size the process count does not divide (the last partition is padded)."""
+    flat = value.flatten()
+    if hasattr(param, "ds_id"):
+        optimizer = param._z3_optimizer
+        part, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+        start = part.numel() * optimizer._get_param_partition_rank(param)
+        count = max(0, min(part.numel(), flat.numel() - start))
+        part.data[:count].copy_(flat[start:start + count])
+        if optimizer._swappable_optimizer_subgroup(group):
+            optimizer._optimizer_states_and_gradient_swap_out(group)
+        return True
+    if not hasattr(param, "_hp_mapping"):
+        return False
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value)  # ZeRO-1/2: this rank's fragment, if it holds one
+    return True

@@ -157,7 +157,7 @@ class MicroBatch:
 @functools.cache
 def _block_mask_builder(compiled: bool):
     """FlexAttention's `create_block_mask`, compiled once per process on a GPU (dynamo then compiles
-    once per batch width, which train.pad_to_multiple_of keeps to a few); eager on the CPU."""
+    per batch shape, rows x width, whose widths train.pad_to_multiple_of keeps to a few); eager on the CPU."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     return torch.compile(create_block_mask) if compiled else create_block_mask

@@ -211,10 +211,18 @@ def _tokenize_texts(tokenizer, prompts: list[str], chosen: list[str], rejected: 
                          [p + with_eos(r) for p, r in zip(prompts, rejected)], specials=True)
 
 
+TOKENIZING_KEYS = {"tokenize", "return_dict", "tokenizer_kwargs", "sanitize_control_tokens", "return_tensors",
+                   "padding", "truncation", "max_length", "return_assistant_tokens_mask"}
+
+
 def _tokenize_dialogues(tokenizer, prompts: list[list], chosen: list[list], rejected: list[list],
                         kwargs: dict) -> list[tuple]:
     """Rendered by the chat template to text (as `apply_chat_template(tokenize=True)` does), then
     encoded without special tokens added (the template writes them)."""
+    tokenizing = sorted(TOKENIZING_KEYS & set(kwargs))
+    if tokenizing:
+        raise UserError(f"data.chat_template_kwargs: {', '.join(tokenizing)} would change how the rendered "
+                        "text is tokenized, which dpo_dist does itself; pass only the template's own variables")
     def render(conversations: list[list], **extra) -> list[str]:
         return tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs, **extra)
 

@@ -186,7 +186,7 @@ def export_final(accelerator, model, tokenizer, path: Path, cfg: Config, optimiz
     folder and renamed into place, over an earlier export only (never a folder dpo_dist did not
     write); `info` goes into it as best.json. Its marker names the reference it was trained
     against, so `evaluate` of it can say which one to compare with."""
-    state_dict = export_state_dict(accelerator, model, optimizer, trained_only=cfg.model.lora is not None)
+    state_dict = export_state_dict(accelerator, model, optimizer, trained_only=_adapter_alone(cfg))
     path = Path(path)
 
     def write() -> None:
@@ -203,6 +203,16 @@ def export_final(accelerator, model, tokenizer, path: Path, cfg: Config, optimiz
         ownership.replace_folder(tmp, path, EXPORT_KIND)
 
     collectives.on_main_with_tensor_verdict(accelerator, write)  # every rank learns how it went
+
+
+def _adapter_alone(cfg: Config) -> bool:
+    """Whether the export needs the trained weights only: a LoRA adapter that targets no embedding
+    layer (peft saves those layers' base weights beside such an adapter)."""
+    if cfg.model.lora is None:
+        return False
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    return not set(cfg.model.lora.target_modules) & set(EMBEDDING_LAYER_NAMES)
 
 
 def _write_hf_folder(accelerator, model, tokenizer, tmp: Path, cfg: Config, state_dict: dict,
@@ -276,8 +286,9 @@ def export_checkpoint(checkpoint_dir: Path, output: Path, dtype: str | None = No
     if dtype is not None:
         cfg.export.dtype = dtype
         cfg.validate()
-    # Loaded in fp32, so that no master weight is rounded before export_final casts to export.dtype.
-    model = loading.load_policy(dataclasses.replace(cfg.model, dtype="float32"))
+    # A full fine-tune loaded in fp32, so that no master weight is rounded before export_final casts
+    # to export.dtype (a LoRA adapter is fp32 whatever its base is).
+    model = loading.load_policy(cfg.model if cfg.model.lora else dataclasses.replace(cfg.model, dtype="float32"))
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     if (checkpoint_dir / "pytorch_model").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -161,3 +161,14 @@ def test_space_eating_or_suffix_tokens_turn_the_joins_off():
     p = suffixed("a prompt here")["input_ids"]
     assert got[0] == trl_ids(p, suffixed("a prompt here yes it is" + eos)["input_ids"],
                              suffixed("a prompt here no" + eos)["input_ids"])
+
+
+def test_template_arguments_that_would_tokenize_are_refused():
+    """dpo_dist renders the chat template to text and tokenizes it itself: arguments that would
+    change that tokenization are refused by name, not passed to the template and ignored."""
+    from dpo_dist.errors import UserError
+
+    tok = TOKENIZERS["tiny (bundled)"]()
+    rows = fields(chat_rows(2, seed=5))
+    with pytest.raises(UserError, match="tokenizer_kwargs would change how the rendered text is tokenized"):
+        _tokenize_dialogues(tok, *map(list, zip(*rows)), {"tokenizer_kwargs": {"add_special_tokens": True}})

@@ -137,13 +137,16 @@ def test_deepspeed_bf16_exports_the_fp32_masters(tiny, data, runs, tmp_path, con
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,port", [("zero2_cpu.yaml", 29683), ("zero3_cpu.yaml", 29684)])
-def test_deepspeed_bf16_masters_start_from_the_fp32_weights(tiny, data, tmp_path, config, port):
+@pytest.mark.parametrize("config,port,processes", [("zero2_cpu.yaml", 29683, 2), ("zero3_cpu.yaml", 29684, 2),
+                                                   ("zero3_cpu.yaml", 29686, 3)])
+def test_deepspeed_bf16_masters_start_from_the_fp32_weights(tiny, data, tmp_path, config, port, processes):
     """DeepSpeed would make its masters from the bf16 copy, rounding every starting weight; they are
     set from the fp32 files, so a run that barely moves (one step at lr 1e-12) exports the fp32
-    start itself, not its bf16 rounding."""
+    start itself, not its bf16 rounding. 3 processes: ZeRO-3 partitions that 3 does not divide
+    (64-wide norms), whose last part is padded."""
     weights, _, _ = run_train(tmp_path / "still", tiny, data, "train.mixed_precision=bf16", "train.micro_batch_size=1",
-                              "train.lr=1e-12", "train.max_steps=1", launcher=accelerate(config, port))
+                              "train.lr=1e-12", "train.max_steps=1",
+                              launcher=[*accelerate(config, port), "--num_processes", str(processes)])
     initial = load_file(tiny["policy"] / "model.safetensors")
     assert bf16_representable(initial) < 0.5
     for key, value in initial.items():
