@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import signal
@@ -379,9 +380,10 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
 def _masters_from_weight_files(accelerator, model: torch.nn.Module, folder: Path) -> None:
     """DeepSpeed makes its fp32 masters from the bf16 / fp16 copy it casts the weights to, which rounds
     the fp32 starting weights by up to half an ulp — often more than a DPO run moves them. Every rank
-    sets its part of them again from the policy's fp32 safetensors files, one tensor at a time, from
-    the host. A resumed run then loads its checkpoint's masters over them. Weights with no fp32 entry
-    there (.bin files, renamed keys) keep the rounded start, and the run says how many."""
+    sets its own part of them again from the policy's fp32 safetensors files, reading only the rows
+    that part spans (a 1/N share under ZeRO). A resumed run then loads its checkpoint's masters over
+    them. Weights with no fp32 entry there (.bin files, renamed keys) keep the rounded start, and the
+    run says how many."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -394,8 +396,8 @@ def _masters_from_weight_files(accelerator, model: torch.nn.Module, folder: Path
     trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     kept = 0
     for name, param in trained:
-        saved = files[name].get_tensor(name) if name in files else None
-        if saved is None or saved.dtype != torch.float32 or not _set_master(param, saved):
+        saved = files[name].get_slice(name) if name in files else None
+        if saved is None or saved.get_dtype() != "F32" or not _set_master(param, functools.partial(_flat_range, saved)):
             kept += 1
     if kept:
         accelerator.print(f"note: {kept} of {len(trained)} trained weights keep DeepSpeed's "
@@ -403,20 +405,35 @@ def _masters_from_weight_files(accelerator, model: torch.nn.Module, folder: Path
                           f"entry for them in {folder}'s safetensors files)")
 
 
-def _set_master(param, value: torch.Tensor) -> bool:
-    """This rank's part of `param`'s fp32 master from the whole `value` (on the host); False if
-    DeepSpeed keeps none for it. ZeRO-3 by hand: its `set_full_hp_param` reads past the end of a
-    weight whose size the process count does not divide (the last partition is padded)."""
-    flat = value.flatten()
-    if hasattr(param, "ds_id"):
+def _flat_range(saved, start: int, count: int) -> torch.Tensor:
+    """Elements [start, start + count) of a safetensors tensor flattened, reading only the rows they span."""
+    shape = saved.get_shape()
+    row = math.prod(shape[1:])
+    first, last = start // row, -(-(start + count) // row)
+    return saved[first:last].flatten()[start - first * row:start - first * row + count]
+
+
+def _set_master(param, read) -> bool:
+    """This rank's part of `param`'s fp32 master from `read(start, count)` (a range of the whole
+    weight, flattened); False if DeepSpeed keeps none for it. By hand, from DeepSpeed's own maps:
+    its `set_full_hp_param` wants the whole weight on every rank, and under ZeRO-3 reads past the
+    end of one whose size the process count does not divide (the last partition is padded)."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the weight
         optimizer = param._z3_optimizer
         part, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
         start = part.numel() * optimizer._get_param_partition_rank(param)
-        count = max(0, min(part.numel(), flat.numel() - start))
-        part.data[:count].copy_(flat[start:start + count])
+        count = max(0, min(part.numel(), param.ds_numel - start))
+        if count:
+            part.data[:count].copy_(read(start, count))
         if optimizer._swappable_optimizer_subgroup(group):
             optimizer._optimizer_states_and_gradient_swap_out(group)
         return True
+    if not hasattr(param, "_hp_mapping"):
+        return False
+    if param._hp_mapping is not None:  # ZeRO-1/2: the fragment this rank holds, if any
+        address = param._hp_mapping.lp_fragment_address
+        param._hp_mapping.get_hp_fragment().data.copy_(read(address.start, address.numel))
+    return True
     if not hasattr(param, "_hp_mapping"):
         return False
     from deepspeed.utils import safe_set_full_fp32_param
