@@ -1,8 +1,9 @@
 """Rows -> token ids, a chunk at a time with batched fast-tokenizer calls, into flat arrays.
 
-Text and conversational rows are tokenized as TRL 1.16's DPOTrainer does (EOS text appended to text
+Text and conversational rows get the ids TRL 1.16's DPOTrainer makes (EOS text appended to text
 completions; prompt and prompt+completion tokenized separately; the completion starts where the two
-diverge), so log-probs and losses match TRL's for the same tokenizer. Pre-tokenized rows are used
+diverge), so log-probs and losses match TRL's for the same tokenizer — from one encoding of each
+prompt and each response, joined at safe cuts (`_encode_pairs`). Pre-tokenized rows are used
 verbatim. Then each sequence is cut to `max_length` per `truncation`, or the pair is dropped.
 """
 
@@ -81,9 +82,9 @@ def _is_safe_cut(text: str, at: int) -> bool:
     return 0 < at < len(text) - 1 and text[at] == " " and not text[at - 1].isspace() and not text[at + 1].isspace()
 
 
-def _last_safe_cut(text: str, before: int) -> int:
-    """The last safe cut of `text` below `before` (not touching text[before:]), else 0."""
-    at = text.rfind(" ", 0, before - 1)
+def _last_safe_cut(text: str) -> int:
+    """The last safe cut of `text`, else 0."""
+    at = text.rfind(" ", 0, len(text) - 1)
     while at > 0 and not _is_safe_cut(text, at):
         at = text.rfind(" ", 0, at)
     return max(at, 0)
@@ -159,25 +160,27 @@ def _batch_encoder(tokenizer):
 def _encode_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str],
                   specials: bool) -> list[tuple[int, list[int], list[int]]]:
     """(response start, chosen ids, rejected ids) as TRL derives them from tok(prompt), tok(whole
-    chosen text) and tok(whole rejected text) (the responses start where those diverge), where `chosen[i]` / `rejected[i]` are whole texts that usually
-    start with `prompts[i]`. Each prompt is encoded once and each response once: a whole text is
+    chosen text) and tok(whole rejected text) (the responses start where those diverge), where
+    `chosen[i]` / `rejected[i]` are whole texts that usually start with `prompts[i]`. Each prompt is
+    encoded once and each response once: a whole text is
     cut at the prompt's last safe cut L and at the first one R from the boundary on, and
     tok(text[:L]) (the prompt's, shared), tok(text[L:R]) (a few words across the boundary, where
     tokens can merge) and tok(text[R:]) are joined. Without a cut in the prompt the text is
     tok(text[:R]) + tok(text[R:]); a text not starting with its prompt, or every text of a
     tokenizer that fails `joins_at_safe_cuts`, is encoded whole."""
     windows = joins_at_safe_cuts(tokenizer)
-    lefts = [_last_safe_cut(prompt, len(prompt)) if windows else 0 for prompt in prompts]
+    lefts = [_last_safe_cut(prompt) if windows else 0 for prompt in prompts]
     heads = [prompt[:left] if left else prompt for prompt, left in zip(prompts, lefts)]  # the whole prompt: tail ""
     tails = [prompt[left:] if left else "" for prompt, left in zip(prompts, lefts)]
     texts = [*chosen, *rejected]
     joined, firsts, rests = [], [], []  # joined: first part follows the prompt's head
     for k, text in enumerate(texts):
         prompt, left = prompts[k % len(prompts)], lefts[k % len(prompts)]
+        follows = windows and text.startswith(prompt)
         right = len(text)
-        if windows and text.startswith(prompt):
+        if follows:
             right = len(prompt) if _is_safe_cut(text, len(prompt)) else _first_safe_cut(text, len(prompt) + 1)
-        joined.append(bool(left) and windows and text.startswith(prompt))
+        joined.append(bool(left) and follows)
         firsts.append(text[left:right] if joined[-1] else text[:right])
         rests.append(text[right:])
 
@@ -223,6 +226,7 @@ def _tokenize_dialogues(tokenizer, prompts: list[list], chosen: list[list], reje
     if tokenizing:
         raise UserError(f"data.chat_template_kwargs: {', '.join(tokenizing)} would change how the rendered "
                         "text is tokenized, which dpo_dist does itself; pass only the template's own variables")
+
     def render(conversations: list[list], **extra) -> list[str]:
         return tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs, **extra)
 
@@ -284,10 +288,10 @@ def tokenize_rows(rows: list[Row], first_index: int, tokenizer: Any, settings: T
 
     index, sequences, starts = [], [], []
     truncated = dropped = 0
-    for k, ((where, _), (start, c, r)) in enumerate(zip(rows, tokenized)):
-        if len(c) == start or len(r) == start:
+    for k, ((where, _), (response_start, c, r)) in enumerate(zip(rows, tokenized)):
+        if len(c) == response_start or len(r) == response_start:
             raise UserError(f"{where}: a response tokenizes to no tokens beyond the prompt")
-        fitted = [_fit(ids, start, settings.max_length, settings.truncation) for ids in (c, r)]
+        fitted = [_fit(ids, response_start, settings.max_length, settings.truncation) for ids in (c, r)]
         if None in fitted:
             dropped += 1
             continue
