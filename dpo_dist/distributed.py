@@ -434,9 +434,3 @@ def _set_master(param, read) -> bool:
         address = param._hp_mapping.lp_fragment_address
         param._hp_mapping.get_hp_fragment().data.copy_(read(address.start, address.numel))
     return True
-    if not hasattr(param, "_hp_mapping"):
-        return False
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    safe_set_full_fp32_param(param, value)  # ZeRO-1/2: this rank's fragment, if it holds one
-    return True
