@@ -1,4 +1,4 @@
-from dpo_dist.cli import main
+from dpo_dist.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

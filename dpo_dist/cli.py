@@ -107,9 +107,10 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
-def main(argv: list[str] | None = None) -> None:
+def console() -> None:
+    """The `dpo-dist` and `python -m dpo_dist` entry point: `main`, then `_leave_without_finalizers`."""
     try:
-        _main(argv)
+        main()
     except SystemExit as stop:
         _leave_without_finalizers(stop.code)
         raise
@@ -129,7 +130,7 @@ def _leave_without_finalizers(code) -> None:
     os._exit(code or 0)
 
 
-def _main(argv: list[str] | None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     name = f"dpo-dist {args.command}"
     previous_handler = signal.signal(signal.SIGTERM, _terminate)  # training turns it into a checkpoint instead
