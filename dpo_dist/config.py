@@ -184,6 +184,14 @@ class DistributedConfig:
     deepspeed: str | None = _field(
         None, "DeepSpeed JSON (see ds_configs/) when not set by `accelerate launch --config_file`; null = none."
     )
+    fsdp2: bool = _field(
+        False, "Shard the policy and the reference pass with PyTorch FSDP2 (fully_shard per decoder layer; "
+        "README 'Engines'); set by `accelerate launch` with an FSDP config of fsdp_version 2.")
+    fsdp_reshard_after_forward: bool = _field(
+        True, "FSDP2: free each decoder layer's gathered weights after its forward and gather them again in "
+        "backward (ZeRO-3's memory); false keeps them to the backward (ZeRO-2's, one gather fewer).")
+    fsdp_offload: bool = _field(False, "FSDP2: keep the shards, gradients and optimizer state in CPU memory "
+                                "(CPUOffloadPolicy).")
     timeout_minutes: int = _field(30, "Collective-operation timeout.")
     sequence_parallel: int = _field(
         1, "Ranks that share each sequence (Ulysses): every micro-batch row is cut along the sequence across a "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpo_dist import fsdp2
 from dpo_dist.model import attention, loading, ulysses
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
@@ -73,22 +74,28 @@ def build_accelerator(cfg: Config):
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
-    check_engine()
+    fsdp2.take_accelerate_request(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_sequence_parallel(cfg, world)
     derive_grad_accum(cfg, world // cfg.distributed.sequence_parallel)
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     precision = resolve_precision(cfg)
     plugin = _deepspeed_plugin(cfg, precision)
-    check_attention_precision(cfg, precision, deepspeed=plugin is not None)
+    if plugin is not None and cfg.distributed.fsdp2:
+        raise UserError("distributed.fsdp2=true and a DeepSpeed config both shard the model; choose one engine "
+                        "(README 'Engines')")
+    chosen = "deepspeed" if plugin is not None else "fsdp2" if cfg.distributed.fsdp2 else "none"
+    check_attention_precision(cfg, precision, casts=chosen != "none")
+    if chosen == "fsdp2":
+        fsdp2.check_composes(cfg)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # accelerate 1.15 picks no backend on a CPU-only machine: with DeepSpeed every rank believes
         # it is process 0 of 1 while DeepSpeed partitions over all of them; without it the ranks run
         # as DistributedType.NO (no DDP, barriers that do not wait). gloo, and for plain data
         # parallel accelerate's MULTI_CPU, which it only picks when told the run is on the CPU.
         PartialState(cpu=plugin is None, backend="gloo", timeout=timeout.timeout)
-    if plugin is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # DeepSpeed always initialises a process group; give a lone process one of size 1.
+    if chosen != "none" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # DeepSpeed and FSDP2 need a process group; give a lone process one of size 1.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         os.environ.setdefault("RANK", "0")
@@ -96,7 +103,8 @@ def build_accelerator(cfg: Config):
         os.environ.setdefault("WORLD_SIZE", "1")
     _release_state_of_another_precision(precision)
     accelerator = Accelerator(
-        mixed_precision=ACCELERATE_NAMES[precision],
+        # FSDP2's MixedPrecisionPolicy casts, not accelerate's autocast
+        mixed_precision=ACCELERATE_NAMES["fp32" if chosen == "fsdp2" else precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         deepspeed_plugin=plugin,
         kwargs_handlers=[timeout],
@@ -104,23 +112,12 @@ def build_accelerator(cfg: Config):
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
     )
-    accelerator.print(f"precision: {describe_precision(cfg, precision, plugin is not None)}")
+    accelerator.dpo_dist_engine = chosen
+    accelerator.print(f"engine: {ENGINE_NAMES[chosen]}; precision: {describe_precision(cfg, precision, chosen)}")
     if accelerator.device.type == "cuda" and precision == "fp32":
         torch.set_float32_matmul_precision("high")
         accelerator.print("fp32 on CUDA: TF32 matmuls allowed (torch.set_float32_matmul_precision('high'))")
     return accelerator
-
-
-def check_engine() -> None:
-    """Refuses an accelerate FSDP config: dpo_dist's engines are DeepSpeed ZeRO and plain data parallel,
-    and accelerate would drop the FSDP plugin on a CPU and train unsharded in its place."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return
-    version = os.environ.get("FSDP_VERSION", "1")
-    raise UserError(f"the accelerate config asks for FSDP (fsdp_version {version}), which dpo_dist does not run yet"
-                    f"{'' if version == '2' else ' (and FSDP1 it never will: fsdp_version 2 when it does)'}; rather "
-                    "than train unsharded, it stops: shard with DeepSpeed ZeRO-3 instead, e.g. "
-                    "--config_file launch/accelerate/zero3.yaml (zero3_cpu.yaml on CPUs)")
 
 
 def derive_grad_accum(cfg: Config, processes: int) -> None:
@@ -146,21 +143,31 @@ def _release_state_of_another_precision(precision: str) -> None:
         AcceleratorState._reset_state()
 
 
-def describe_precision(cfg: Config, precision: str, deepspeed: bool) -> str:
+ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2 (fully_shard per decoder layer)",
+                "none": "data parallel (no sharding)"}
+
+
+def engine(accelerator) -> str:
+    """What shards this run's model: "deepspeed", "fsdp2" or "none" (each rank holds it whole)."""
+    return getattr(accelerator, "dpo_dist_engine", "deepspeed" if uses_deepspeed(accelerator) else "none")
+
+
+def describe_precision(cfg: Config, precision: str, engine: str) -> str:
     """One line for the log: what runs in which dtype."""
-    weights, autocast = forward_dtypes(cfg, precision, deepspeed)
+    weights, autocast = forward_dtypes(cfg, precision, engine != "none")
     parts = [f"train.mixed_precision={cfg.train.mixed_precision} -> {precision}",
              f"forward weights {str(weights).removeprefix('torch.')}"]
     if autocast is not None:
         parts.append(f"autocast {str(autocast).removeprefix('torch.')}")
-    parts.append("optimizer steps fp32 (DeepSpeed's master weights)" if deepspeed else
-                 "optimizer steps fp32" + (" master copies" if fp32_master_copies(cfg, deepspeed) else ""))
+    parts.append({"deepspeed": "optimizer steps fp32 (DeepSpeed's master weights)",
+                  "fsdp2": "optimizer steps fp32 (FSDP2's fp32 shards)"}.get(engine) or
+                 "optimizer steps fp32" + (" master copies" if fp32_master_copies(cfg, False) else ""))
     return ", ".join(parts)
 
 
-def check_attention_precision(cfg: Config, precision: str, deepspeed: bool) -> None:
+def check_attention_precision(cfg: Config, precision: str, casts: bool) -> None:
     """flash-attn has no fp32 kernels: refuse an fp32 forward with it here, not inside the kernel."""
-    if cfg.model.attn_implementation.startswith("flash_attention") and forward_dtypes(cfg, precision, deepspeed) == (
+    if cfg.model.attn_implementation.startswith("flash_attention") and forward_dtypes(cfg, precision, casts) == (
             torch.float32, None):
         raise UserError(f"model.attn_implementation={cfg.model.attn_implementation} runs in bf16 / fp16 only; "
                         "set train.mixed_precision=bf16 (or model.dtype=bfloat16), or use sdpa")
@@ -168,7 +175,7 @@ def check_attention_precision(cfg: Config, precision: str, deepspeed: bool) -> N
 
 def run_forward_dtypes(cfg: Config, accelerator) -> tuple[torch.dtype, torch.dtype | None]:
     """`precision.forward_dtypes` of this run: what the policy's and the reference's forwards read."""
-    return forward_dtypes(cfg, resolve_precision(cfg), uses_deepspeed(accelerator))
+    return forward_dtypes(cfg, resolve_precision(cfg), engine(accelerator) != "none")
 
 
 class PreemptionWatch:
@@ -247,16 +254,24 @@ def _sequence_group(size: int, world: int, rank: int):
 def layout(cfg: Config, accelerator) -> dict:
     """How this run lays its training state out on disk: what its checkpoints can resume under.
     (Sequence parallelism is not part of it: ZeRO partitions over all processes either way.)"""
-    deepspeed = uses_deepspeed(accelerator)
-    return {"processes": accelerator.num_processes, "deepspeed": deepspeed, "zero_stage": zero_stage(accelerator),
-            "fp32_master_copies": fp32_master_copies(cfg, deepspeed)}
+    name = engine(accelerator)
+    written = {"processes": accelerator.num_processes, "deepspeed": name == "deepspeed",
+               "zero_stage": zero_stage(accelerator), "fp32_master_copies": fp32_master_copies(cfg, name != "none")}
+    return written | ({"engine": "fsdp2"} if name == "fsdp2" else {})
+
+
+def same_layout(written: dict, layout: dict) -> bool:
+    """Whether a checkpoint of layout `written` loads as it is: the same layout, or FSDP2 under any
+    process count (DCP stores every shard's place in the whole weight)."""
+    return written == layout or (written.get("engine") == layout.get("engine") == "fsdp2")
 
 
 def describe_layout(layout: dict) -> str:
     """e.g. '2 processes under DeepSpeed ZeRO-2', '1 process without DeepSpeed, fp32 master copies'."""
     n = layout["processes"]
     text = f"{n} process{'es' if n != 1 else ''} "
-    text += f"under DeepSpeed ZeRO-{layout['zero_stage']}" if layout["deepspeed"] else "without DeepSpeed"
+    text += (f"under DeepSpeed ZeRO-{layout['zero_stage']}" if layout["deepspeed"] else "under FSDP2"
+             if layout.get("engine") == "fsdp2" else "without DeepSpeed")
     return text + (", fp32 master copies" if layout.get("fp32_master_copies") else "")
 
 
@@ -295,6 +310,8 @@ def export_state_dict(accelerator, model, optimizer=None, trained_only: bool = F
     DPO-sized updates are below one bf16 ulp. Gathered one parameter at a time (ZeRO-3), to the CPU.
     `trained_only`: just the trained weights (a LoRA adapter), without gathering the frozen base."""
     fp32_master = None
+    if engine(accelerator) == "fsdp2":
+        fsdp2.gather_all(model)  # every unit on its shards (an eval forward leaves the head unit gathered)
     if uses_deepspeed(accelerator):
         from deepspeed.utils import safe_get_full_fp32_param as fp32_master
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around ours
@@ -320,6 +337,9 @@ def _whole_weight(tensor, trained: bool, masters: dict, fp32_master, keep: bool)
         value = fp32_master(tensor)  # a collective (ZeRO-1/2: all-reduce, ZeRO-3: all-gather)
         if value is not None:
             return value.detach().cpu() if keep else None
+    if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (of an fp32 trained weight: the master itself)
+        whole = tensor.full_tensor()  # a collective
+        return whole.detach().cpu() if keep else None
     if hasattr(tensor, "ds_id"):  # a frozen ZeRO-3 partition
         import deepspeed
 
@@ -347,7 +367,7 @@ def _optimizer(cfg: Config, params: list, accelerator) -> torch.optim.Optimizer:
     # temporaries are as large as the parameters (75M: 288 MiB), and a per-tensor loop on the CPU,
     # several times slower than fused (benchmarks/optimizer_step.py).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    if fp32_master_copies(cfg, uses_deepspeed(accelerator)):
+    if fp32_master_copies(cfg, engine(accelerator) != "none"):
         return MasterWeightAdamW(params, fused=fused, **kwargs)
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
@@ -364,17 +384,51 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
         raise UserError("model.attn_implementation=flex_attention cannot train on the CPU (PyTorch has no CPU "
                         "backward for FlexAttention); use sdpa here (precompute and evaluate run with flex)")
     model = cut_sequences(loading.load_policy(cfg.model), cfg, accelerator)  # ZeRO-3: partitioned from load time
+    if engine(accelerator) == "fsdp2":
+        model = _shard_policy(cfg, model, accelerator)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
     )
+    if engine(accelerator) == "fsdp2":  # sharded already; accelerate would wrap it again
+        accelerator.register_for_checkpointing(scheduler)
+        return model, optimizer, scheduler
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     if uses_deepspeed(accelerator) and LOW.get(resolve_precision(cfg)) and cfg.model.dtype == "float32" \
             and cfg.model.lora is None:
         _masters_from_weight_files(accelerator, accelerator.unwrap_model(model), loading.policy_path(cfg.model))
     accelerator.register_for_checkpointing(scheduler)
     return model, prepared_optimizer, scheduler
+
+
+def _shard_policy(cfg: Config, model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """The policy under FSDP2, its trained weights fp32 before sharding: their shards are the
+    optimizer's master weights, and the forward gathers them in the run's precision."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    weights, _ = run_forward_dtypes(cfg, accelerator)
+    return fsdp2.shard(model, accelerator.device, accelerator.num_processes,
+                       compute_dtype=None if weights == torch.float32 else weights,
+                       reshard_after_forward=cfg.distributed.fsdp_reshard_after_forward,
+                       offload=cfg.distributed.fsdp_offload, training=True)
+
+
+def backward(accelerator, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """One micro-batch's backward. FSDP2 accumulates whole gradients locally and reduce-scatters
+    them once per optimizer step, on its last micro-batch (ZeRO and DDP sync in their own way)."""
+    if engine(accelerator) == "fsdp2":
+        model.set_requires_gradient_sync(accelerator.sync_gradients)
+    accelerator.backward(loss)
+
+
+def clip_gradients(accelerator, model: torch.nn.Module, max_norm: float) -> float | None:
+    """Clips the step's gradients to `max_norm`; their global norm (None where DeepSpeed keeps it)."""
+    if engine(accelerator) == "fsdp2":
+        return float(fsdp2.clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm))
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    return None if norm is None else float(norm)
 
 
 def _masters_from_weight_files(accelerator, model: torch.nn.Module, folder: Path) -> None:

@@ -58,8 +58,9 @@ def export_dtype(cfg: Config) -> torch.dtype:
 
 
 def forward_dtypes(cfg: Config, precision: str, deepspeed: bool) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype of the weights a forward reads, autocast dtype or None): DeepSpeed casts the weights
-    to bf16 / fp16 itself; otherwise they stay as loaded and a bf16 / fp16 run autocasts."""
+    """(dtype of the weights a forward reads, autocast dtype or None): a sharding engine (`deepspeed`:
+    DeepSpeed or FSDP2) casts the weights to bf16 / fp16 itself; otherwise they stay as loaded and a
+    bf16 / fp16 run autocasts."""
     low = LOW.get(precision)
     if deepspeed:
         return low or DTYPES[cfg.model.dtype], None
@@ -68,7 +69,8 @@ def forward_dtypes(cfg: Config, precision: str, deepspeed: bool) -> tuple[torch.
 
 def fp32_master_copies(cfg: Config, deepspeed: bool) -> bool:
     """Whether the optimizer steps fp32 copies of low-precision trainable weights: a full fine-tune of
-    bf16 / fp16 weights without DeepSpeed (LoRA adapters are fp32; DeepSpeed keeps its own)."""
+    bf16 / fp16 weights without a sharding engine (`deepspeed`: DeepSpeed or FSDP2, which keep their
+    own fp32 masters; LoRA adapters are fp32)."""
     return not deepspeed and cfg.model.lora is None and cfg.model.dtype != "float32"
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import chat_rows, text_rows, write_jsonl
+from conftest import REPO, chat_rows, text_rows, write_jsonl
 from dpo_dist import cli
 from dpo_dist.errors import PREEMPTED_EXIT_CODE
 
@@ -236,12 +236,15 @@ CASES = [
                                                                  f"data.cache_dir={w.root / 'c'}"),
          ("ref_cache.dir and data.cache_dir are one folder",)),
     Case("config", "override without =", lambda w: [*w.args("precompute"), "train.lr"], ("not of the form",)),
-    Case("config", "an accelerate FSDP2 config", lambda w: w.args("train"),
-         ("asks for FSDP (fsdp_version 2)", "DeepSpeed ZeRO-3"),
+    Case("config", "an accelerate FSDP2 config with LoRA", lambda w: w.args("train", "model.lora.r=4"),
+         ("distributed.fsdp2 with model.lora is not supported yet", "ZeRO-2/3"),
          inject=lambda mp: (mp.setenv("ACCELERATE_USE_FSDP", "true"), mp.setenv("FSDP_VERSION", "2"))),
     Case("config", "an accelerate FSDP1 config", lambda w: w.args("precompute"),
-         ("asks for FSDP (fsdp_version 1)", "FSDP1 it never will"),
+         ("fsdp_version 1", "FSDP2 only", "fsdp_version: 2"),
          inject=lambda mp: mp.setenv("ACCELERATE_USE_FSDP", "true")),
+    Case("config", "FSDP2 and DeepSpeed both", lambda w: w.args("train", "distributed.fsdp2=true",
+                                                                  f"distributed.deepspeed={REPO / 'ds_configs/zero2_cpu.json'}"),
+         ("distributed.fsdp2=true and a DeepSpeed config", "choose one engine")),
 
     # --- model folders, tokenizers and vocabularies, before the long work ---
     Case("model", "policy folder missing", lambda w: w.args("precompute", policy=w.root / "nowhere"),

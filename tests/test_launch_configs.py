@@ -14,7 +14,10 @@ CONFIGS = sorted((REPO / "launch" / "accelerate").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_accelerate_config_points_at_an_existing_deepspeed_json(path):
     cfg = yaml.safe_load(path.read_text())
-    assert cfg["distributed_type"] in ("DEEPSPEED", "MULTI_GPU")
+    assert cfg["distributed_type"] in ("DEEPSPEED", "MULTI_GPU", "FSDP")
+    if cfg["distributed_type"] == "FSDP":  # dpo_dist runs FSDP2 only, and shards by decoder layer
+        assert cfg["fsdp_config"]["fsdp_version"] == 2
+        assert cfg["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     if cfg["distributed_type"] == "DEEPSPEED":
         ds_path = REPO / cfg["deepspeed_config"]["deepspeed_config_file"]
         ds = json.loads(ds_path.read_text())
@@ -38,5 +41,5 @@ def test_deepspeed_json_leaves_batch_settings_to_dpo_dist(path):
 
 def test_every_gpu_config_has_a_cpu_variant_that_tests_run():
     names = {p.stem for p in CONFIGS}
-    for gpu in ("zero2", "zero3"):
+    for gpu in ("zero2", "zero3", "fsdp2"):
         assert gpu in names and f"{gpu}_cpu" in names

@@ -13,17 +13,18 @@ import re
 
 import torch
 
-from dpo_dist import host_memory
+from dpo_dist import fsdp2, host_memory
 from dpo_dist.config import Config
-from dpo_dist.distributed import cut_sequences, run_forward_dtypes, transformers_zero3_off, zero_stage
+from dpo_dist.distributed import cut_sequences, engine as run_engine, run_forward_dtypes, transformers_zero3_off, zero_stage
 from dpo_dist.model import loading
 from dpo_dist.model.logprobs import install_response_head
 from dpo_dist.reference.partitioned import NotSliceable, build_partitioned, checkpoint_index
 
 
 def reference_is_partitioned(accelerator) -> bool:
-    """ZeRO-3 over several processes partitions the reference too; otherwise it is whole on each rank."""
-    return zero_stage(accelerator) == 3 and accelerator.num_processes > 1
+    """ZeRO-3 or FSDP2 over several processes partition the reference too; otherwise it is whole on
+    each rank."""
+    return (zero_stage(accelerator) == 3 or run_engine(accelerator) == "fsdp2") and accelerator.num_processes > 1
 
 
 
@@ -90,6 +91,8 @@ def _placed_reference(cfg: Config, accelerator) -> torch.nn.Module:
     must run the same number of them.
     """
     weights_dtype, _ = run_forward_dtypes(cfg, accelerator)  # as the policy's forward reads them
+    if run_engine(accelerator) == "fsdp2" and reference_is_partitioned(accelerator):
+        return _fsdp2_reference(cfg, accelerator, weights_dtype)
     if not reference_is_partitioned(accelerator):
         with transformers_zero3_off(accelerator):
             return loading.load_reference(cfg.model).to(accelerator.device, dtype=weights_dtype)
@@ -120,6 +123,19 @@ def _placed_reference(cfg: Config, accelerator) -> torch.nn.Module:
     engine = deepspeed.initialize(model=loading.freeze(model), config=ds_config)[0]
     engine.eval()  # returns None on a DeepSpeed engine
     return engine
+
+
+def _fsdp2_reference(cfg: Config, accelerator, dtype: torch.dtype) -> torch.nn.Module:
+    """The reference sharded by FSDP2 like the policy, every unit resharded after its forward: a
+    rank holds its 1/N of the weights and one gathered layer. Each rank reads only its rows."""
+    device, world = accelerator.device, accelerator.num_processes
+    model = fsdp2.load_sharded_reference(loading.reference_path(cfg.model), cfg.model, dtype, device, world)
+    if model is None:
+        accelerator.print("reference: its safetensors cannot be read row by row; loading it whole, then sharding")
+        model = loading.load_reference(cfg.model).to(dtype=dtype)
+        fsdp2.shard(model, device, world, compute_dtype=None, reshard_after_forward=True, offload=False,
+                    training=False)
+    return model
 
 
 def drop_reference(model: torch.nn.Module) -> None:

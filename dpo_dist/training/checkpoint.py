@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist import collectives, ownership
+from dpo_dist import collectives, fsdp2, ownership
 from dpo_dist.config import Config, ModelConfig, load_config, save_config
-from dpo_dist.distributed import describe_layout, export_state_dict, transformers_zero3_off
+from dpo_dist.distributed import describe_layout, export_state_dict, same_layout, transformers_zero3_off
 from dpo_dist.errors import RunStopped, UserError
 from dpo_dist.model import loading
 from dpo_dist.precision import export_dtype
@@ -93,10 +93,12 @@ def resolve_resume(resume: str | None, output_dir: Path, say=print) -> Path | No
     return path
 
 
-def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config, run: dict, layout: dict) -> Path:
+def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Config, run: dict, layout: dict,
+         model=None, optimizer=None) -> Path:
     """Writes checkpoint `step` (see the module docstring); `run` (what the step count means: seed,
-    global batch, data and reference fingerprints) and `layout` (processes, DeepSpeed / ZeRO stage)
-    are recorded for `check_resumable`. A full disk stops the run with `latest` still naming the
+    global batch, data and reference fingerprints) and `layout` (processes, engine, ZeRO stage)
+    are recorded for `check_resumable`. Under FSDP2 the model and optimizer shards go to
+    CHECKPOINT/fsdp2/ (DCP), the rest through accelerate as under the other engines. A full disk stops the run with `latest` still naming the
     previous checkpoint and no half-written folder."""
     root = _root(output_dir)
     name = f"step-{step:06d}"
@@ -108,6 +110,8 @@ def save(accelerator, output_dir: Path, step: int, keep_last: int, config: Confi
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if layout.get("engine") == "fsdp2":
+            fsdp2.save_state(model, optimizer, tmp)
         accelerator.wait_for_everyone()  # every rank's shards are on disk
         if accelerator.is_main_process:
             save_config(config, tmp / "config.yaml")  # what `dpo-dist export` rebuilds the model from
@@ -142,7 +146,7 @@ def _disk_full(folder: Path) -> bool:
 def layout_change(path: Path, layout: dict) -> dict | None:
     """The layout checkpoint `path` was written under, if it is not `layout` (and was recorded)."""
     written = json.loads((Path(path) / STATE_FILE).read_text()).get("layout")
-    return None if written in (None, layout) else written
+    return None if written is None or same_layout(written, layout) else written
 
 
 def check_resumable(path: Path, run: dict, allow_changes: bool) -> None:
@@ -163,6 +167,8 @@ def load(accelerator, path: Path, layout: dict, model, optimizer, scheduler) -> 
     written = layout_change(path, layout)
     if written is None:
         accelerator.load_state(str(path))
+        if layout.get("engine") == "fsdp2":
+            fsdp2.load_state(model, optimizer, Path(path))
     else:
         accelerator.print(f"resume from {path}: written by {describe_layout(written)}, continuing as "
                           f"{describe_layout(layout)}")

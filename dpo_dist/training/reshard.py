@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist import collectives
+from dpo_dist import collectives, fsdp2
 from dpo_dist.distributed import describe_layout
 from dpo_dist.errors import UserError
 
@@ -62,6 +62,8 @@ def _convert(accelerator, path: Path, written: dict, layout: dict, shapes: dict[
     try:
         if written["deepspeed"]:
             _from_deepspeed(path / TAG, tmp / TAG, shapes, written["zero_stage"])
+        elif written.get("engine") == "fsdp2":
+            _from_fsdp2(path, tmp / TAG, shapes, written["processes"])
         else:
             _from_accelerate(path, tmp / TAG, list(shapes), written["processes"])
     except (AssertionError, KeyError, RuntimeError, NotImplementedError, ValueError) as err:
@@ -137,19 +139,35 @@ def _from_accelerate(source: Path, target: Path, trained_names: list[str], proce
     weights = load_file(source / "model.safetensors")
     optimizer = torch.load(source / "optimizer.bin", weights_only=False, map_location="cpu")
     masters = optimizer.get("master_weights")  # MasterWeightAdamW: the fp32 copies of low-precision weights
+
+    def entries():
+        for i, name in enumerate(trained_names):
+            state = optimizer["state"].get(i)
+            if state is None:
+                raise KeyError(f"optimizer.bin has no state for {name}")
+            fp32 = masters[i] if masters is not None else weights[name]
+            yield name, fp32, state["exp_avg"], state["exp_avg_sq"], state["step"]
+
+    _write_universal(target, entries(), optimizer["param_groups"], processes)
+
+
+def _from_fsdp2(source: Path, target: Path, shapes: dict[str, torch.Size], processes: int) -> None:
+    """An FSDP2 checkpoint (DCP shards) in universal files, one whole weight at a time."""
+    groups = torch.load(source / fsdp2.DCP_FOLDER / fsdp2.PARAM_GROUPS_FILE, weights_only=False)
+    _write_universal(target, fsdp2.read_whole(source, shapes), groups, processes)
+
+
+def _write_universal(target: Path, entries, param_groups: list[dict], processes: int) -> None:
+    """Universal files from (name, fp32 weight, exp_avg, exp_avg_sq, step) of every trained weight."""
     zero = target / "zero"
     step = None
-    for i, name in enumerate(trained_names):
-        state = optimizer["state"].get(i)
-        if state is None:
-            raise KeyError(f"optimizer.bin has no state for {name}")
-        step = torch.as_tensor(state["step"], dtype=torch.float32)
-        fp32 = masters[i] if masters is not None else weights[name]
+    for name, fp32, exp_avg, exp_avg_sq, step in entries:
+        step = torch.as_tensor(step, dtype=torch.float32)
         (zero / name).mkdir(parents=True)
-        for key, value in (("fp32", fp32), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+        for key, value in (("fp32", fp32), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             torch.save({"param": value.float().reshape(fp32.shape), "cat_dim": 0}, zero / name / f"{key}.pt")
         torch.save(step, zero / name / "step.pt")
-    _write_common(zero, {}, optimizer["param_groups"], step)
+    _write_common(zero, {}, param_groups, step)
     # What DeepSpeed reads beside zero/ when it loads a universal checkpoint (not the weights).
     steps = int(step)
     meta = {"dp_world_size": processes, "mp_world_size": 1, "global_steps": steps, "global_samples": 0,
@@ -159,7 +177,7 @@ def _from_accelerate(source: Path, target: Path, trained_names: list[str], proce
 
 
 def load_without_deepspeed(accelerator, model, optimizer, scheduler, folder: Path) -> None:
-    """A universal checkpoint into a run without DeepSpeed: the trained weights, AdamW's state (and
+    """A universal checkpoint into a run without DeepSpeed (FSDP2, or none): the trained weights, AdamW's state (and
     the fp32 master copies of MasterWeightAdamW), the LR schedule, this rank's RNG state."""
     from accelerate.checkpointing import load_accelerator_state, load_custom_state
 
@@ -171,7 +189,9 @@ def load_without_deepspeed(accelerator, model, optimizer, scheduler, folder: Pat
     state = {}
     with torch.no_grad():
         for i, (name, param) in enumerate(trained):
-            values = {key: torch.load(zero / name / f"{key}.pt", weights_only=False)["param"] for key in STATES}
+            # FSDP2: this rank's shard of each (fsdp2.like); otherwise the whole tensor
+            values = {key: fsdp2.like(param, torch.load(zero / name / f"{key}.pt", weights_only=False)["param"])
+                      for key in STATES}
             param.copy_(values["fp32"])
             if masters is not None:
                 masters.append(values["fp32"])

@@ -154,11 +154,9 @@ class Trainer:
             with acc.accumulate(self.model):
                 loss = objective(batch.to(acc.device)) * scale
                 nonfinite += (~torch.isfinite(loss.detach())).float()
-                acc.backward(loss)
+                distributed.backward(acc, self.model, loss)
                 if acc.sync_gradients:
-                    max_norm = cfg.train.max_grad_norm or float("inf")
-                    norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                    grad_norm = None if norm is None else float(norm)
+                    grad_norm = distributed.clip_gradients(acc, self.model, cfg.train.max_grad_norm or float("inf"))
                     flags = torch.cat([nonfinite, nonfinite.new_tensor([float(self.preemption.signalled)])])
                     flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
                     nonfinite_count, signalled = flags.tolist()
@@ -325,7 +323,7 @@ class Trainer:
                     self.keep_if_best(eval_values)
                 if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last or preempted:
                     checkpoint.save(acc, self.output_dir, self.step, cfg.train.keep_last, cfg, self.run_identity,
-                                    self.layout)
+                                    self.layout, self.model, self.optimizer)
                     window_start = time.perf_counter()  # saving is not training time
                 if preempted and not last:
                     raise Preempted(f"preempted: checkpoint of step {self.step} saved; resume=auto continues")

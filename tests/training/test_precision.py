@@ -245,4 +245,4 @@ def test_precision_disagreements_are_refused(tiny, data, tmp_path):
     flash = load_config(None, ["train.mixed_precision=fp32"])
     flash.model.attn_implementation = "flash_attention_2"  # (a config with it is refused where flash_attn is missing)
     with pytest.raises(UserError, match="runs in bf16 / fp16 only"):
-        check_attention_precision(flash, "fp32", deepspeed=False)
+        check_attention_precision(flash, "fp32", casts=False)
