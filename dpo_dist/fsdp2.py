@@ -173,8 +173,7 @@ def load_sharded_reference(folder, model_cfg, dtype: torch.dtype, device: torch.
 
 def check_composes(cfg) -> None:
     """Refuses, in one line, what has not been made to work under FSDP2 yet."""
-    unsupported = {"model.lora": cfg.model.lora is not None,
-                   "distributed.sequence_parallel > 1": cfg.distributed.sequence_parallel > 1}
+    unsupported = {"distributed.sequence_parallel > 1": cfg.distributed.sequence_parallel > 1}
     for key, present in unsupported.items():
         if present:
             raise UserError(f"distributed.fsdp2 with {key} is not supported yet; shard with DeepSpeed ZeRO-2/3 for it "

@@ -45,8 +45,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4):
-    """A randomly initialised Llama sized for CPU tests (~140k parameters at the defaults)."""
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                tied: bool = False):
+    """A randomly initialised Llama sized for CPU tests (~140k parameters at the defaults); `tied`:
+    the head shares the input embedding's weight."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,7 +63,7 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
