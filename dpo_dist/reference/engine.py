@@ -115,11 +115,7 @@ def _placed_reference(cfg: Config, accelerator) -> torch.nn.Module:
 
             keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers holds only a weak reference
             model = loading.load_causal_lm(path, cfg.model)
-    if accelerator.device.type == "cpu":
-        host_memory.trim(accelerator.device)  # the full tensors zero.Init made and freed, module by module
-        for module in model.modules():  # and each layer's gathered weights, once it is done with them
-            if next(module.parameters(recurse=False), None) is not None:
-                module.register_forward_hook(lambda *_: host_memory.trim(accelerator.device))
+    _trim_after_each_layer(model, accelerator.device)  # and the full tensors zero.Init made and freed
     engine = deepspeed.initialize(model=loading.freeze(model), config=ds_config)[0]
     engine.eval()  # returns None on a DeepSpeed engine
     return engine
@@ -135,7 +131,19 @@ def _fsdp2_reference(cfg: Config, accelerator, dtype: torch.dtype) -> torch.nn.M
         model = loading.load_reference(cfg.model).to(dtype=dtype)
         fsdp2.shard(model, device, world, compute_dtype=None, reshard_after_forward=True, offload=False,
                     training=False)
+    _trim_after_each_layer(model, device)
     return model
+
+
+def _trim_after_each_layer(model: torch.nn.Module, device: torch.device) -> None:
+    """On the CPU, hands each layer's gathered weights back to the system once it is done with them
+    (glibc keeps freed buffers in its heap, and a sharded reference frees one layer per forward)."""
+    if device.type != "cpu":
+        return
+    host_memory.trim(device)
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            module.register_forward_hook(lambda *_: host_memory.trim(device))
 
 
 def drop_reference(model: torch.nn.Module) -> None:
