@@ -14,7 +14,6 @@ copies for the forward (`MixedPrecisionPolicy`) and reduce-scatters gradients in
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -130,45 +129,6 @@ def like(param, whole: torch.Tensor) -> torch.Tensor:
     local = part.to(param.to_local().dtype).contiguous()
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(),
                               run_check=False)
-
-
-def load_sharded_reference(folder, model_cfg, dtype: torch.dtype, device: torch.device, world: int):
-    """The frozen model in `folder`, sharded, each rank reading only its rows of every weight from
-    the safetensors files (built on the meta device: no rank ever holds the whole model); None
-    where the files cannot be read row by row (the caller loads it whole, then shards)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dpo_dist.model.logprobs import install_response_head
-    from dpo_dist.reference.partitioned import NotSliceable, checkpoint_index
-
-    try:
-        stored = checkpoint_index(folder)
-    except NotSliceable:
-        return None
-    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype,
-                                                 attn_implementation=model_cfg.attn_implementation)
-    names = [name for name, _ in model.named_parameters()]
-    if any(name not in stored or tuple(stored[name].shape) != tuple(p.shape)
-           for name, p in model.named_parameters()):
-        return None
-    install_response_head(model)
-    model.requires_grad_(False).eval()
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    shard(model, device, world, compute_dtype=None, reshard_after_forward=True, offload=False, training=False)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-        params = dict(model.named_parameters())
-        for name in names:
-            param = params[name]
-            first, rows = local_rows(param)
-            row = math.prod(param.shape[1:])
-            local = param.to_local()
-            local.copy_(stored[name].read_flat(first * row, local.numel()).reshape(local.shape).to(dtype))
-    return model
 
 
 def check_composes(cfg) -> None:

@@ -17,6 +17,7 @@ LAYERS = {
     "dpo_dist.precision": 2,
     "dpo_dist.data": 3,
     "dpo_dist.model": 4,
+    "dpo_dist.fsdp2": 4,  # the FSDP2 engine, which distributed.py chooses
     "dpo_dist.distributed": 5,
     "dpo_dist.reference": 6,
     "dpo_dist.session": 7,
