@@ -75,6 +75,8 @@ def build_accelerator(cfg: Config):
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
     fsdp2.take_accelerate_request(cfg)
+    if cfg.distributed.fsdp2:
+        fsdp2.check_composes(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_sequence_parallel(cfg, world)
     derive_grad_accum(cfg, world // cfg.distributed.sequence_parallel)
@@ -86,8 +88,6 @@ def build_accelerator(cfg: Config):
                         "(README 'Engines')")
     chosen = "deepspeed" if plugin is not None else "fsdp2" if cfg.distributed.fsdp2 else "none"
     check_attention_precision(cfg, precision, casts=chosen != "none")
-    if chosen == "fsdp2":
-        fsdp2.check_composes(cfg)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # accelerate 1.15 picks no backend on a CPU-only machine: with DeepSpeed every rank believes
         # it is process 0 of 1 while DeepSpeed partitions over all of them; without it the ranks run
