@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dpo_dist import fsdp2
-from dpo_dist.model import attention, loading, ulysses
+from dpo_dist.model import attention, loading, ulysses, weight_files
 from dpo_dist.config import Config
 from dpo_dist.errors import UserError
 from dpo_dist.precision import (ACCELERATE_NAMES, LOW, MasterWeightAdamW, check_deepspeed_precision, forward_dtypes,
@@ -383,9 +383,10 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     if cfg.model.attn_implementation == "flex_attention" and accelerator.device.type == "cpu":
         raise UserError("model.attn_implementation=flex_attention cannot train on the CPU (PyTorch has no CPU "
                         "backward for FlexAttention); use sdpa here (precompute and evaluate run with flex)")
-    model = cut_sequences(loading.load_policy(cfg.model), cfg, accelerator)  # ZeRO-3: partitioned from load time
     if engine(accelerator) == "fsdp2":
-        model = _shard_policy(cfg, model, accelerator)
+        model = _fsdp2_policy(cfg, accelerator)
+    else:
+        model = cut_sequences(loading.load_policy(cfg.model, seed=cfg.train.seed), cfg, accelerator)  # ZeRO-3: partitioned from load time
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(
@@ -402,17 +403,62 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     return model, prepared_optimizer, scheduler
 
 
-def _shard_policy(cfg: Config, model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """The policy under FSDP2, its trained weights fp32 before sharding: their shards are the
-    optimizer's master weights, and the forward gathers them in the run's precision."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+def _fsdp2_policy(cfg: Config, accelerator) -> torch.nn.Module:
+    """The policy under FSDP2: built on the meta device and sharded, each rank reading only its rows
+    of the weights (a whole load, then sharding, where the files cannot be read row by row). Its
+    trained weights are fp32 before sharding: their shards are the optimizer's master weights, and
+    the forward gathers them in the run's precision."""
     weights, _ = run_forward_dtypes(cfg, accelerator)
-    return fsdp2.shard(model, accelerator.device, accelerator.num_processes,
-                       compute_dtype=None if weights == torch.float32 else weights,
-                       reshard_after_forward=cfg.distributed.fsdp_reshard_after_forward,
-                       offload=cfg.distributed.fsdp_offload, training=True)
+
+    def shard(model: torch.nn.Module) -> torch.nn.Module:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return fsdp2.shard(model, accelerator.device, accelerator.num_processes,
+                           compute_dtype=None if weights == torch.float32 else weights,
+                           reshard_after_forward=cfg.distributed.fsdp_reshard_after_forward,
+                           offload=cfg.distributed.fsdp_offload, training=True)
+
+    model = sharded_from_weight_files(loading.policy_path(cfg.model), accelerator.device, shard, seed=cfg.train.seed,
+                                      build=lambda: loading.load_policy(cfg.model, seed=cfg.train.seed, empty=True))
+    if model is None:
+        accelerator.print("policy: its safetensors cannot be read row by row; loading it whole, then sharding")
+        model = shard(loading.load_policy(cfg.model, seed=cfg.train.seed))
+    return model
+
+
+def sharded_from_weight_files(folder: Path, device: torch.device, shard, *, build, seed: int = 0):
+    """`build()`'s model, made on the meta device, sharded by `shard` (FSDP2), each rank copying
+    only its rows of every weight from the safetensors files in `folder` and of every new adapter
+    (`loading.initial_adapter_weight`): no rank ever holds the whole model. None where the files
+    cannot be read that way (names, shapes, not safetensors); the caller then loads it whole."""
+    try:
+        stored = weight_files.checkpoint_index(folder)
+    except weight_files.NotSliceable:
+        return None
+    model = build()
+    sources = {}
+    for name, param in model.named_parameters():
+        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")  # a peft wrapper's names
+        if key in stored and tuple(stored[key].shape) == tuple(param.shape):
+            sources[name] = stored[key]
+        elif not (param.requires_grad and loading.adapter_role(name)):
+            return None
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # computed at build, not stored
+    model = shard(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        for name, param in model.named_parameters():
+            local = param.to_local()
+            if name in sources:
+                first, _ = fsdp2.local_rows(param)
+                part = sources[name].read_flat(first * math.prod(param.shape[1:]), local.numel())
+            else:
+                part = fsdp2.like(param, loading.initial_adapter_weight(name, param.shape, seed)).to_local()
+            local.copy_(part.reshape(local.shape))
+    return model
 
 
 def backward(accelerator, model: torch.nn.Module, loss: torch.Tensor) -> None:

@@ -162,6 +162,8 @@ def raising(exc: BaseException):
 
 def signal_self(signum: int):
     def send(*args, **kwargs):
+        if signum == signal.SIGINT:  # a job started in the background (CI under nohup) inherits Ctrl-C ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signum)
         time.sleep(1)  # the handler runs at the next bytecode; never reached
     return send

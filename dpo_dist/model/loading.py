@@ -8,7 +8,9 @@ cached is used; online, the weights, config and tokenizer files are downloaded o
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -159,13 +161,22 @@ def check_vocabularies(cfg: ModelConfig, tokenizer) -> None:
                             "score the same tokens: use the SFT model of this policy")
 
 
-def load_causal_lm(path: Path, cfg: ModelConfig) -> torch.nn.Module:
-    """A causal LM whose LM head can score response tokens only (see `logprobs.install_response_head`)."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(path: Path, cfg: ModelConfig, *, empty: bool = False) -> torch.nn.Module:
+    """A causal LM whose LM head can score response tokens only (see `logprobs.install_response_head`).
+    `empty`: built on the meta device from its config, no weight read (a sharded engine fills it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
-                                                     attn_implementation=cfg.attn_implementation)
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=DTYPES[cfg.dtype],
+                                                         attn_implementation=cfg.attn_implementation)
+            model.tie_weights()  # from_config on the meta device leaves a tied head untied
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                                         attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError, KeyError) as err:  # e.g. a model type this transformers lacks, weights that do not fit
         raise UserError(f"{path}: transformers cannot load this model ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
@@ -191,8 +202,10 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
     model.config.use_cache = False
 
 
-def load_policy(cfg: ModelConfig) -> torch.nn.Module:
-    model = load_causal_lm(policy_path(cfg), cfg)
+def load_policy(cfg: ModelConfig, *, seed: int, empty: bool = False) -> torch.nn.Module:
+    """The policy to train: the whole model, or the model with new LoRA adapters (made by
+    `initial_adapter_weight` from `seed`). `empty`: on the meta device (see `load_causal_lm`)."""
+    model = load_causal_lm(policy_path(cfg), cfg, empty=empty)
     if cfg.gradient_checkpointing:
         checkpoint_layers(model)
     if cfg.lora is not None:
@@ -216,7 +229,37 @@ def load_policy(cfg: ModelConfig) -> torch.nn.Module:
                             f"{cfg.policy}; its linear layers are: {', '.join(names)}") from None
         # Adapters train in float32 even when the base runs in bf16: mixed dtypes inside one
         # ZeRO parameter group break its flat buffers.
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+                if not empty:
+                    with torch.no_grad():
+                        p.copy_(initial_adapter_weight(name, p.shape, seed))
     return model.train()
+
+
+# peft's own initialisation of each adapter weight (LoRA's defaults), by the name it ends in.
+ADAPTER_INITS = {
+    "lora_A": lambda t, g: torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
+    "lora_B": lambda t, g: torch.nn.init.zeros_(t),
+    "lora_embedding_A": lambda t, g: torch.nn.init.zeros_(t),
+    "lora_embedding_B": lambda t, g: torch.nn.init.normal_(t, generator=g),
+}
+
+
+def adapter_role(name: str) -> str | None:
+    """Which kind of adapter weight the parameter `name` is (a key of ADAPTER_INITS), None for a
+    weight of the base model."""
+    return next((role for role in ADAPTER_INITS if f".{role}." in f".{name}."), None)
+
+
+def initial_adapter_weight(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """A new adapter's starting weight, whole, drawn as peft draws it but from a generator seeded by
+    `seed` and the weight's name: the same on every rank and layout, whichever order or device
+    (real or meta) the model was built in."""
+    role = adapter_role(name)
+    if role is None:
+        raise ValueError(f"{name} is no adapter weight dpo_dist knows how to start ({', '.join(ADAPTER_INITS)})")
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return ADAPTER_INITS[role](torch.empty(shape), generator)

@@ -8,19 +8,20 @@ DeepSpeed engine. `drop_reference` + `release_memory` return its memory before t
 from __future__ import annotations
 
 import copy
+import functools
 import gc
-import math
 import re
 
 import torch
 
 from dpo_dist import fsdp2, host_memory
 from dpo_dist.config import Config
-from dpo_dist.distributed import (cut_sequences, engine as run_engine, run_forward_dtypes, transformers_zero3_off,
-                                  zero_stage)
+from dpo_dist.distributed import (cut_sequences, engine as run_engine, run_forward_dtypes, sharded_from_weight_files,
+                                  transformers_zero3_off, zero_stage)
 from dpo_dist.model import loading
 from dpo_dist.model.logprobs import install_response_head
-from dpo_dist.reference.partitioned import NotSliceable, build_partitioned, checkpoint_index
+from dpo_dist.model.weight_files import NotSliceable, checkpoint_index
+from dpo_dist.reference.partitioned import build_partitioned
 
 
 def reference_is_partitioned(accelerator) -> bool:
@@ -127,49 +128,16 @@ def _fsdp2_reference(cfg: Config, accelerator, dtype: torch.dtype) -> torch.nn.M
     """The reference sharded by FSDP2 like the policy, every unit resharded after its forward: a
     rank holds its 1/N of the weights and one gathered layer. Each rank reads only its rows."""
     device, world = accelerator.device, accelerator.num_processes
-    model = _read_into_shards(loading.reference_path(cfg.model), cfg.model, dtype, device, world)
+    path = loading.reference_path(cfg.model)
+    shard = functools.partial(fsdp2.shard, device=device, world=world, compute_dtype=None, reshard_after_forward=True,
+                              offload=False, training=False)
+    model = sharded_from_weight_files(path, device, shard,
+                                      build=lambda: loading.freeze(loading.load_causal_lm(path, cfg.model, empty=True)
+                                                                   .to(dtype=dtype)))
     if model is None:
         accelerator.print("reference: its safetensors cannot be read row by row; loading it whole, then sharding")
-        model = loading.load_reference(cfg.model).to(dtype=dtype)
-        fsdp2.shard(model, device, world, compute_dtype=None, reshard_after_forward=True, offload=False,
-                    training=False)
+        model = shard(loading.load_reference(cfg.model).to(dtype=dtype))
     _trim_after_each_layer(model, device)
-    return model
-
-
-def _read_into_shards(folder, model_cfg, dtype: torch.dtype, device: torch.device, world: int):
-    """The frozen model in `folder`, sharded, each rank reading only its rows of every weight from
-    the safetensors files (built on the meta device: no rank ever holds the whole model); None
-    where the files cannot be read row by row (the caller loads it whole, then shards)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        stored = checkpoint_index(folder)
-    except NotSliceable:
-        return None
-    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype,
-                                                 attn_implementation=model_cfg.attn_implementation)
-    names = [name for name, _ in model.named_parameters()]
-    if any(name not in stored or tuple(stored[name].shape) != tuple(p.shape)
-           for name, p in model.named_parameters()):
-        return None
-    install_response_head(model)
-    model.requires_grad_(False).eval()
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    fsdp2.shard(model, device, world, compute_dtype=None, reshard_after_forward=True, offload=False, training=False)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-        params = dict(model.named_parameters())
-        for name in names:
-            param = params[name]
-            first, _ = fsdp2.local_rows(param)
-            row = math.prod(param.shape[1:])
-            local = param.to_local()
-            local.copy_(stored[name].read_flat(first * row, local.numel()).reshape(local.shape).to(dtype))
     return model
 
 

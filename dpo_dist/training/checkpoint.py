@@ -294,7 +294,8 @@ def export_checkpoint(checkpoint_dir: Path, output: Path, dtype: str | None = No
         cfg.validate()
     # A full fine-tune loaded in fp32, so that no master weight is rounded before export_final casts
     # to export.dtype (a LoRA adapter is fp32 whatever its base is).
-    model = loading.load_policy(cfg.model if cfg.model.lora else dataclasses.replace(cfg.model, dtype="float32"))
+    model = loading.load_policy(cfg.model if cfg.model.lora else dataclasses.replace(cfg.model, dtype="float32"),
+                                seed=cfg.train.seed)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     if (checkpoint_dir / "pytorch_model").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

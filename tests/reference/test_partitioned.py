@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, probe_launch, run_cli, text_rows, write_jsonl
-from dpo_dist.reference.partitioned import NotSliceable, checkpoint_index, load_partitions
+from dpo_dist.model.weight_files import NotSliceable, checkpoint_index
+from dpo_dist.reference.partitioned import load_partitions
 
 
 @pytest.mark.parametrize("dtype,shard_size", [(torch.float32, None), (torch.bfloat16, "200KB")])

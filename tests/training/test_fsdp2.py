@@ -40,6 +40,7 @@ def train(out, args, layout, *extra, resume_from=None):
     result = run_cli("train", f"output_dir={out}", *args, *settings, *extra,
                      launcher=accelerate(launcher, next(ports)) if launcher else None)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "row by row" not in result.stdout  # under FSDP2 no rank loaded a model whole
     if resume_from is not None:
         assert f"resumed from {out / 'checkpoints' / resume_from.name} at step 2" in result.stdout
     return result
@@ -84,6 +85,21 @@ def test_two_processes_train_to_one_process_weights_with_the_same_reference_cach
     checkpoint = sharded / "checkpoints" / "step-000002"
     assert (checkpoint / "fsdp2" / ".metadata").is_file() and len(list((checkpoint / "fsdp2").glob("*.distcp"))) == 2
     assert json.loads((checkpoint / "trainer_state.json").read_text())["layout"]["engine"] == "fsdp2"
+
+
+def test_weights_not_readable_row_by_row_load_whole_then_shard(tiny, base, sharded, tmp_path):
+    """A policy saved as pytorch_model.bin (no safetensors header to read rows from): each rank
+    loads it whole, then shards it, and trains to the same weights."""
+    root, args = base
+    policy = shutil.copytree(tiny["policy"], tmp_path / "bin-policy")
+    torch.save(load_file(policy / "model.safetensors"), policy / "pytorch_model.bin")
+    (policy / "model.safetensors").unlink()
+    settings, launcher = FSDP2_X2
+    result = run_cli("train", f"output_dir={tmp_path / 'out'}", *args, *settings, f"model.policy={policy}",
+                     launcher=accelerate(launcher, next(ports)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "policy: its safetensors cannot be read row by row; loading it whole, then sharding" in result.stdout
+    assert_same(weights(tmp_path / "out"), weights(sharded))
 
 
 def test_checkpoint_resumes_on_one_process_and_under_zero2(base, sharded, tmp_path):
@@ -146,5 +162,5 @@ def test_tied_embeddings_under_torchrun(tmp_path):
     two = run_cli("train", f"output_dir={tmp_path / 'two'}", *args, "train.micro_batch_size=1",
                   "distributed.fsdp2=true", launcher=torchrun(next(ports)))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    assert "engine: FSDP2" in two.stdout
+    assert "engine: FSDP2" in two.stdout and "row by row" not in two.stdout
     assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
