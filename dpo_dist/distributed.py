@@ -386,7 +386,8 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
     if engine(accelerator) == "fsdp2":
         model = _fsdp2_policy(cfg, accelerator)
     else:
-        model = cut_sequences(loading.load_policy(cfg.model, seed=cfg.train.seed), cfg, accelerator)  # ZeRO-3: partitioned from load time
+        # ZeRO-3: partitioned from load time (transformers' zero.Init)
+        model = cut_sequences(loading.load_policy(cfg.model, seed=cfg.train.seed), cfg, accelerator)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(
