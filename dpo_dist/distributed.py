@@ -385,9 +385,9 @@ def prepare_policy(cfg: Config, accelerator, total_steps: int):
                         "backward for FlexAttention); use sdpa here (precompute and evaluate run with flex)")
     if engine(accelerator) == "fsdp2":
         model = _fsdp2_policy(cfg, accelerator)
-    else:
-        # ZeRO-3: partitioned from load time (transformers' zero.Init)
-        model = cut_sequences(loading.load_policy(cfg.model, seed=cfg.train.seed), cfg, accelerator)
+    else:  # ZeRO-3: partitioned from load time (transformers' zero.Init)
+        model = loading.load_policy(cfg.model, seed=cfg.train.seed)
+    model = cut_sequences(model, cfg, accelerator)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], accelerator)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
     scheduler = get_scheduler(

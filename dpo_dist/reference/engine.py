@@ -8,6 +8,7 @@ DeepSpeed engine. `drop_reference` + `release_memory` return its memory before t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import re
@@ -21,6 +22,7 @@ from dpo_dist.distributed import (cut_sequences, engine as run_engine, run_forwa
 from dpo_dist.model import loading
 from dpo_dist.model.logprobs import install_response_head
 from dpo_dist.model.weight_files import NotSliceable, checkpoint_index
+from dpo_dist.precision import DTYPES
 from dpo_dist.reference.partitioned import build_partitioned
 
 
@@ -129,14 +131,15 @@ def _fsdp2_reference(cfg: Config, accelerator, dtype: torch.dtype) -> torch.nn.M
     rank holds its 1/N of the weights and one gathered layer. Each rank reads only its rows."""
     device, world = accelerator.device, accelerator.num_processes
     path = loading.reference_path(cfg.model)
+    # Built in `dtype`, not cast to it: the rotary frequencies stay fp32, as in the FSDP2 policy.
+    model_cfg = dataclasses.replace(cfg.model, dtype=next(name for name, d in DTYPES.items() if d == dtype))
     shard = functools.partial(fsdp2.shard, device=device, world=world, compute_dtype=None, reshard_after_forward=True,
                               offload=False, training=False)
     model = sharded_from_weight_files(path, device, shard,
-                                      build=lambda: loading.freeze(loading.load_causal_lm(path, cfg.model, empty=True)
-                                                                   .to(dtype=dtype)))
+                                      build=lambda: loading.freeze(loading.load_causal_lm(path, model_cfg, empty=True)))
     if model is None:
         accelerator.print("reference: its safetensors cannot be read row by row; loading it whole, then sharding")
-        model = shard(loading.load_reference(cfg.model).to(dtype=dtype))
+        model = shard(loading.load_reference(model_cfg))
     _trim_after_each_layer(model, device)
     return model
 
