@@ -420,24 +420,47 @@ def _fsdp2_policy(cfg: Config, accelerator) -> torch.nn.Module:
                            reshard_after_forward=cfg.distributed.fsdp_reshard_after_forward,
                            offload=cfg.distributed.fsdp_offload, training=True)
 
-    model = sharded_from_weight_files(loading.policy_path(cfg.model), accelerator.device, shard, seed=cfg.train.seed,
-                                      build=lambda: loading.load_policy(cfg.model, seed=cfg.train.seed, empty=True))
-    if model is None:
-        accelerator.print("policy: its safetensors cannot be read row by row; loading it whole, then sharding")
-        model = shard(loading.load_policy(cfg.model, seed=cfg.train.seed))
+    return sharded_from_weight_files(
+        accelerator, "policy", loading.policy_path(cfg.model), shard, seed=cfg.train.seed,
+        build=lambda empty: loading.load_policy(cfg.model, seed=cfg.train.seed, empty=empty))
+
+
+def sharded_from_weight_files(accelerator, what: str, folder: Path, shard, *, build, seed: int = 0):
+    """`build(empty=True)`'s model, made on the meta device, sharded by `shard` (FSDP2), each rank
+    copying only its rows of every weight from the safetensors files in `folder` and of every new
+    adapter (`loading.initial_adapter_weight`): no rank ever holds the whole model. Where the files
+    cannot be read that way (names, shapes, not safetensors), `build(empty=False)` loads it
+    whole on each rank, then `shard` shards it, and the run says so."""
+    readable = _meta_model_readable_from(folder, build)
+    if readable is None:
+        accelerator.print(f"{what}: its safetensors cannot be read row by row; loading it whole, then sharding")
+        return shard(build(empty=False))
+    model, stored = readable
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # computed at build, not stored
+    model = shard(model)
+    model.to_empty(device=accelerator.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        for name, param in model.named_parameters():
+            local = param.to_local()
+            if name in stored:
+                first, _ = fsdp2.local_rows(param)
+                part = stored[name].read_flat(first * math.prod(param.shape[1:]), local.numel())
+            else:
+                part = fsdp2.like(param, loading.initial_adapter_weight(name, param.shape, seed)).to_local()
+            local.copy_(part.reshape(local.shape))
     return model
 
 
-def sharded_from_weight_files(folder: Path, device: torch.device, shard, *, build, seed: int = 0):
-    """`build()`'s model, made on the meta device, sharded by `shard` (FSDP2), each rank copying
-    only its rows of every weight from the safetensors files in `folder` and of every new adapter
-    (`loading.initial_adapter_weight`): no rank ever holds the whole model. None where the files
-    cannot be read that way (names, shapes, not safetensors); the caller then loads it whole."""
+def _meta_model_readable_from(folder: Path, build):
+    """(`build(empty=True)`'s model, the stored tensor of each of its parameters by parameter name),
+    or None where some parameter is neither stored (same shape) nor a new adapter."""
     try:
         stored = weight_files.checkpoint_index(folder)
     except weight_files.NotSliceable:
         return None
-    model = build()
+    model = build(empty=True)
     sources = {}
     for name, param in model.named_parameters():
         key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")  # a peft wrapper's names
@@ -445,21 +468,7 @@ def sharded_from_weight_files(folder: Path, device: torch.device, shard, *, buil
             sources[name] = stored[key]
         elif not (param.requires_grad and loading.adapter_role(name)):
             return None
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # computed at build, not stored
-    model = shard(model)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-        for name, param in model.named_parameters():
-            local = param.to_local()
-            if name in sources:
-                first, _ = fsdp2.local_rows(param)
-                part = sources[name].read_flat(first * math.prod(param.shape[1:]), local.numel())
-            else:
-                part = fsdp2.like(param, loading.initial_adapter_weight(name, param.shape, seed)).to_local()
-            local.copy_(part.reshape(local.shape))
-    return model
+    return model, sources
 
 
 def backward(accelerator, model: torch.nn.Module, loss: torch.Tensor) -> None:

@@ -135,11 +135,9 @@ def _fsdp2_reference(cfg: Config, accelerator, dtype: torch.dtype) -> torch.nn.M
     model_cfg = dataclasses.replace(cfg.model, dtype=next(name for name, d in DTYPES.items() if d == dtype))
     shard = functools.partial(fsdp2.shard, device=device, world=world, compute_dtype=None, reshard_after_forward=True,
                               offload=False, training=False)
-    model = sharded_from_weight_files(path, device, shard,
-                                      build=lambda: loading.freeze(loading.load_causal_lm(path, model_cfg, empty=True)))
-    if model is None:
-        accelerator.print("reference: its safetensors cannot be read row by row; loading it whole, then sharding")
-        model = shard(loading.load_reference(model_cfg))
+    model = sharded_from_weight_files(accelerator, "reference", path, shard,
+                                      build=lambda empty: loading.freeze(loading.load_causal_lm(path, model_cfg,
+                                                                                                empty=empty)))
     _trim_after_each_layer(model, device)
     return model
 
